@@ -1,0 +1,1 @@
+"""Benchmarks, run with `osmf bench NAME [--quick]`; each ends with one JSON line."""

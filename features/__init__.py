@@ -1,0 +1,1 @@
+"""Features room: the Feast repository and typed read/write helpers."""

@@ -1,0 +1,1 @@
+"""Composition root: settings, the `osmf` command, embedded stack, simulator, replay."""

@@ -1,0 +1,1 @@
+"""The simulated world: users, products, hidden segments and a pixel-based click model."""

@@ -1,0 +1,1 @@
+"""Learner room: G-MLLM, renderers, pre-training, Group-DPO, gate, publish."""

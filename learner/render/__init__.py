@@ -1,0 +1,1 @@
+"""Renderers: turn a creative prompt plus a product image into an ad image."""

@@ -1,0 +1,1 @@
+"""Serving room: Triton model repository, server process, client."""

@@ -1,0 +1,234 @@
+"""The ``osmf`` command: one entry point for every job of the product.
+
+Heavy libraries are imported inside each command so ``osmf --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+app = typer.Typer(
+    help="OSMF: learn which ad creative each user group prefers, online, and generate it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+broker_app = typer.Typer(help="Run the embedded Kafka-compatible broker (Tansu).", no_args_is_help=True)
+world_app = typer.Typer(help="Inspect a simulated world.", no_args_is_help=True)
+replay_app = typer.Typer(help="Replay public ad logs into the impression and click topics.", no_args_is_help=True)
+app.add_typer(broker_app, name="broker")
+app.add_typer(world_app, name="world")
+app.add_typer(replay_app, name="replay")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message is already a one-line explanation with a fix."""
+    from infra.settings import ConfigError
+
+    errors: list[type[BaseException]] = [ConfigError]
+    for module, name in (
+        ("infra.broker", "BrokerError"),
+        ("streams.kafka", "KafkaError"),
+        ("infra.world.schema", "WorldError"),
+        ("infra.replay", "ReplayError"),
+        ("streams.prompt", "PromptError"),
+        ("streams.events", "EventError"),
+    ):
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def friendly_errors(func: F) -> F:
+    """Print known errors as one line on stderr and exit with status 2."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except _user_errors() as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def _root(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="YAML settings file (same as OSMF_CONFIG). Environment variables OSMF_* override it.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    if config is not None:
+        if not config.is_file():
+            typer.echo(f"error: --config {config}: no such file; give the path of a YAML settings file", err=True)
+            raise typer.Exit(2)
+        os.environ["OSMF_CONFIG"] = str(config)
+
+
+def _settings():  # noqa: ANN202 - the Settings type is imported lazily
+    from infra.settings import load_settings
+
+    return load_settings()
+
+
+# --------------------------------------------------------------------- broker
+
+
+@broker_app.command("start")
+@friendly_errors
+def broker_start() -> None:
+    """Start Tansu on 127.0.0.1 (memory or durable S3 storage), wait until it answers, create the topics."""
+    from infra.broker import start_broker
+    from streams.kafka import ensure_topics
+
+    settings = _settings()
+    status = start_broker(settings)
+    created = ensure_topics(status.bootstrap, settings.topics.all_names(), settings.topics.partitions)
+    where = "external cluster" if status.external else f"Tansu pid {status.pid}, storage {status.storage}"
+    typer.echo(f"broker ready at {status.bootstrap} ({where})" + (f"; {status.note}" if status.note else ""))
+    if created:
+        typer.echo(f"created topics: {', '.join(created)} ({settings.topics.partitions} partitions each)")
+
+
+@broker_app.command("stop")
+@friendly_errors
+def broker_stop() -> None:
+    """Stop the embedded broker (and its local S3 server, if any)."""
+    from infra.broker import stop_broker
+
+    stopped = stop_broker(_settings())
+    typer.echo("broker stopped" if stopped else "broker was not running")
+
+
+@broker_app.command("status")
+@friendly_errors
+def broker_status() -> None:
+    """Say whether the broker runs and answers; exit 1 when it does not."""
+    from infra.broker import broker_status as read_status
+
+    status = read_status(_settings())
+    if status.running:
+        kind = "external cluster" if status.external else f"Tansu pid {status.pid}, storage {status.storage}"
+        typer.echo(f"running at {status.bootstrap} ({kind})")
+        return
+    note = f"; {status.note}" if status.note else ""
+    typer.echo(f"not running (expected at {status.bootstrap}; log: {status.log_file}){note}")
+    raise typer.Exit(1)
+
+
+def _ready_bootstrap(settings) -> str:  # noqa: ANN001
+    """The bootstrap address of a broker that answers, with the product's topics created."""
+    from streams.kafka import ensure_topics, kafka_reachable
+
+    bootstrap = settings.bootstrap_servers
+    if not kafka_reachable(bootstrap):
+        fix = "check OSMF_KAFKA_BOOTSTRAP" if settings.uses_external_kafka else "start it with `osmf broker start`"
+        typer.echo(f"error: no Kafka broker answers at {bootstrap}; {fix}", err=True)
+        raise typer.Exit(2)
+    ensure_topics(bootstrap, settings.topics.all_names(), settings.topics.partitions)
+    return bootstrap
+
+
+# --------------------------------------------------------------------- replay
+
+
+@replay_app.command("taobao")
+@friendly_errors
+def replay_taobao(
+    files: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Taobao CSVs: joined samples (clk,time_stamp,userid,...) or the three raw files "
+            "raw_sample.csv, user_profile.csv, ad_feature.csv (told apart by their headers).",
+            show_default=False,
+        ),
+    ],
+    speedup: Annotated[
+        float,
+        typer.Option(help="Replay speed relative to the logged time; 0 = as fast as possible.", min=0.0),
+    ] = 0.0,
+    click_delay_ms: Annotated[
+        int, typer.Option(help="Time between an impression and its click (the logs have none).", min=1)
+    ] = 1000,
+) -> None:
+    """Turn Taobao display-ad logs into impressions and clicks on the Kafka topics."""
+    from infra.replay import paced, read_taobao
+    from streams.kafka import produce_events
+
+    settings = _settings()
+    bootstrap = _ready_bootstrap(settings)
+    events, report = read_taobao(files, click_delay_ms=click_delay_ms)
+    sent = produce_events(bootstrap, paced(events, speedup), settings.topics)
+    typer.echo(
+        f"replayed {report.rows_read} rows: {report.impressions} impressions, {report.clicks} clicks "
+        f"({sent} events sent to {bootstrap}); {report.missing_profiles} users without profile"
+    )
+    for bad in report.bad_rows[:20]:
+        typer.echo(f"bad row {bad.file}:{bad.line}: {bad.reason}", err=True)
+    if report.bad_rows:
+        more = f" (first 20 shown)" if len(report.bad_rows) > 20 else ""
+        typer.echo(f"{len(report.bad_rows)} bad rows were not replayed{more}", err=True)
+
+
+# ---------------------------------------------------------------------- bench
+
+BENCHMARKS: dict[str, str] = {}
+"""Benchmark name -> module under ``bench/`` exposing ``run(BenchOptions) -> dict``."""
+
+
+@app.command("bench")
+@friendly_errors
+def bench(
+    name: Annotated[str, typer.Argument(help="Benchmark to run; `osmf bench list` shows them.", show_default=False)],
+    quick: Annotated[bool, typer.Option("--quick", help="Small sizes; finishes in under a minute.")] = False,
+    world: Annotated[
+        Path | None, typer.Option(help="World YAML for benchmarks that simulate (default: their example world).")
+    ] = None,
+) -> None:
+    """Run a benchmark; it prints a summary table and ends with one JSON line of figures."""
+    import importlib
+
+    from bench.common import BenchOptions, emit_result
+
+    if name == "list":
+        for bench_name, module in sorted(BENCHMARKS.items()):
+            doc = (importlib.import_module(module).__doc__ or "").strip().splitlines()
+            typer.echo(f"{bench_name:12s} {doc[0] if doc else ''}")
+        return
+    if name not in BENCHMARKS:
+        typer.echo(f"error: unknown benchmark {name!r}; choose one of: {', '.join(sorted(BENCHMARKS))}", err=True)
+        raise typer.Exit(2)
+    if world is not None and not world.is_file():
+        typer.echo(f"error: --world {world}: no such file; give a world YAML (see docs/world.md)", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    options = BenchOptions(quick=quick, world=world, output_dir=settings.data_dir / "bench")
+    figures = importlib.import_module(BENCHMARKS[name]).run(options)
+    emit_result(name, figures)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -188,6 +188,152 @@ def replay_taobao(
         typer.echo(f"{len(report.bad_rows)} bad rows were not replayed{more}", err=True)
 
 
+# -------------------------------------------------------------- world, simulate
+
+WorldOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--world", "-w", help="World YAML (schema: docs/world.md); default: settings, else example world A."
+    ),
+]
+
+
+def _load_world(path: Path):  # noqa: ANN202
+    from infra.world.world import World
+
+    if not path.is_file():
+        typer.echo(f"error: --world {path}: no such file; give a world YAML (see docs/world.md)", err=True)
+        raise typer.Exit(2)
+    return World.load(path)
+
+
+@world_app.command("oracle")
+@friendly_errors
+def world_oracle(
+    world: WorldOption = None,
+    prompts: Annotated[int, typer.Option(help="Random prompts sampled as the search space.", min=1)] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed of the prompt sample.")] = 0,
+) -> None:
+    """Print, per category and hidden segment, the best CTR reachable among many prompts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from infra.demo import world_path
+    from infra.world.oracle import oracle_table
+
+    settings = _settings()
+    loaded = _load_world(world_path(settings, world))
+    table = Table(title=f"oracle CTR, {prompts} sampled prompts")
+    for column in ("category", "segment", "share", "best", "mean", "worst", "one-size", "best prompt"):
+        table.add_column(column)
+    for row in oracle_table(loaded, n_prompts=prompts, seed=seed):
+        table.add_row(
+            row.category, row.segment, f"{row.share:.2f}", f"{row.best_ctr:.4f}", f"{row.mean_ctr:.4f}",
+            f"{row.worst_ctr:.4f}", f"{row.one_size_ctr:.4f}", row.best_prompt.to_text(),
+        )
+    Console(width=200).print(table)
+
+
+@app.command("simulate")
+@friendly_errors
+def simulate(
+    world: WorldOption = None,
+    rate: Annotated[float | None, typer.Option(help="Impressions per second (default: settings).", min=0.001)] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Seconds of traffic to play (default: settings).", min=0.001)
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Same seed and start time, same events.")] = None,
+    start_ts: Annotated[
+        int | None,
+        typer.Option(help="Epoch ms of the first impression; default: now. Fix it to reproduce a stream exactly."),
+    ] = None,
+) -> None:
+    """Play the ad system: show creatives of the world's products and send impressions and clicks to Kafka."""
+    from rich.progress import Progress
+
+    from infra.demo import counted, simulated_events, time_ordered, world_path
+    from infra.replay import paced
+    from streams.kafka import produce_events
+
+    settings = _settings()
+    loaded = _load_world(world_path(settings, world))
+    bootstrap = _ready_bootstrap(settings)
+    rate = rate or settings.simulator.rate
+    duration = duration or settings.simulator.duration_s
+    events = simulated_events(
+        loaded, settings, seed=settings.simulator.seed if seed is None else seed,
+        rate=rate, duration_s=duration, start_ts_ms=start_ts,
+    )
+    with Progress(transient=True) as progress:
+        task = progress.add_task("simulating", total=None)
+        live = paced(time_ordered(events), speedup=1.0)
+        sent = produce_events(bootstrap, counted(live, lambda: progress.advance(task)), settings.topics)
+    typer.echo(f"sent {sent} events ({rate:g} impressions/s for {duration:g} s) to {bootstrap}")
+
+
+@app.command("demo")
+@friendly_errors
+def demo(
+    world: WorldOption = None,
+    duration: Annotated[float, typer.Option(help="Seconds of simulated traffic.", min=1.0)] = 20.0,
+    rate: Annotated[float | None, typer.Option(help="Impressions per second (default: settings).", min=1.0)] = None,
+) -> None:
+    """Run the embedded stack end to end: broker, simulated traffic, events read back, CTR table."""
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from infra.broker import start_broker
+    from infra.demo import counted, ctr_by_category, simulated_events, time_ordered, world_path
+    from infra.replay import paced
+    from streams.events import Impression
+    from streams.kafka import consume_all, produce_events
+
+    settings = _settings()
+    console = Console()
+    status = start_broker(settings)
+    console.print(f"[1/3] broker ready at {status.bootstrap}" + ("" if status.external else f" (Tansu pid {status.pid})"))
+    bootstrap = _ready_bootstrap(settings)
+    path = world_path(settings, world)
+    loaded = _load_world(path)
+    rate = rate or settings.simulator.rate
+    events = simulated_events(loaded, settings, seed=settings.simulator.seed, rate=rate, duration_s=duration,
+                              start_ts_ms=None)
+    produced: set[str] = set()
+
+    def remember(event):  # noqa: ANN001, ANN202
+        if isinstance(event, Impression):
+            produced.add(event.event_id)
+        return event
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"[2/3] simulating {path.name} for {duration:g} s", total=round(duration * rate))
+        live = (remember(e) for e in paced(time_ordered(events), speedup=1.0))
+        sent = produce_events(
+            bootstrap,
+            counted(live, lambda: progress.update(task, completed=len(produced))),
+            settings.topics,
+        )
+    console.print(f"[2/3] sent {sent} events ({len(produced)} impressions) from world {path.name}")
+    records = consume_all(bootstrap, [settings.topics.impressions, settings.topics.clicks])
+    counts = ctr_by_category((r.value for r in records), only_ids=produced)
+    seen = sum(c.impressions for c in counts.values())
+    console.print(f"[3/3] read back {seen} of {len(produced)} impressions of this run from Kafka")
+    table = Table(title="impressions, clicks and CTR per category")
+    for column in ("category", "impressions", "clicks", "CTR"):
+        table.add_column(column, justify="right" if column != "category" else "left")
+    for category, c in counts.items():
+        table.add_row(category, str(c.impressions), str(c.clicks), f"{c.ctr:.2%}")
+    total_i, total_c = seen, sum(c.clicks for c in counts.values())
+    table.add_row("all", str(total_i), str(total_c), f"{(total_c / total_i if total_i else 0):.2%}", style="bold")
+    console.print(table)
+    if seen != len(produced):
+        typer.echo(f"error: {len(produced) - seen} impressions were lost between producer and consumer", err=True)
+        raise typer.Exit(1)
+    if not status.external:
+        console.print("the broker keeps running; stop it with `osmf broker stop`")
+
+
 # ---------------------------------------------------------------------- bench
 
 BENCHMARKS: dict[str, str] = {}

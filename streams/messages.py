@@ -166,7 +166,9 @@ Message = PreferencePair | DriftAlert | DeadLetter
 _M = TypeVar("_M", PreferencePair, DriftAlert, DeadLetter)
 
 
-def pair_id(group_id: str, product_id: str, winner_creative_id: str, loser_creative_id: str, evidence_level: int) -> str:
+def pair_id(
+    group_id: str, product_id: str, winner_creative_id: str, loser_creative_id: str, evidence_level: int
+) -> str:
     """Deterministic id of a preference pair: 32 hex digits of a BLAKE2b hash of its key.
 
     >>> pair_id("g", "p", "a", "b", 0) == pair_id("g", "p", "a", "b", 0) != pair_id("g", "p", "b", "a", 0)

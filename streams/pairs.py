@@ -37,11 +37,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import combinations
 
+import numpy as np
+
 from streams.ctr import CreativeStats
 from streams.messages import PreferencePair, pair_id
 
 EXACT_MAX_TERMS = 256
-"""The exact sum is used while the smallest Beta parameter is at most this (cost ~0.15 us a term)."""
+"""The exact sum is used while the smallest Beta parameter is at most this; above, Edgeworth (error < 3e-4)."""
+_NUMPY_FROM_TERMS = 96
+_SCREEN_FROM = 32  # smallest Beta parameter above which the Edgeworth value screens pairs (error < 2.1e-3)
+_SCREEN_MARGIN = 0.01
 
 _LOG_RESCALE = 575.6462732485114  # log(1e250)
 _SQRT2 = math.sqrt(2.0)
@@ -51,13 +56,16 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 def prob_ctr_greater(clicks_a: int, impressions_a: int, clicks_b: int, impressions_b: int) -> float:
     """``P(CTR_A > CTR_B)`` for independent ``Beta(1 + clicks, 1 + impressions - clicks)`` posteriors.
 
-    Exact while the smallest of the four Beta parameters is at most
+    Exact (to ~1e-12) while the smallest of the four Beta parameters is at most
     :data:`EXACT_MAX_TERMS`: the closed-form sum over that parameter (E. Miller,
     "Formulas for Bayesian A/B testing", 2015), one term per click (or per
-    non-click, whichever side is smallest), summed by a recurrence. Above it,
-    every posterior is near normal and a normal approximation of ``CTR_A -
-    CTR_B`` with a one-term Edgeworth (skewness) correction is used; its
-    absolute error there is below 3e-4. Clicks are clipped to ``[0, impressions]``.
+    non-click, whichever side has fewer), summed by a term-ratio recurrence.
+    Above it every posterior is near normal, and a normal approximation of
+    ``CTR_A - CTR_B`` with a one-term Edgeworth (skewness) correction is used;
+    its absolute error there is below 3e-4 (the plain normal approximation's is
+    up to 5e-3 there and 0.1 at a few clicks). Cost on one core: ~3 us for a few
+    clicks, ~8 us at 20 clicks, at most ~25 us (100 to 256 clicks), ~3 us above.
+    Clicks are clipped to ``[0, impressions]``.
 
     Examples
     --------
@@ -68,8 +76,10 @@ def prob_ctr_greater(clicks_a: int, impressions_a: int, clicks_b: int, impressio
     >>> prob_ctr_greater(40, 1000, 20, 1000) > 0.99
     True
     """
-    clicks_a = min(max(clicks_a, 0), impressions_a)
-    clicks_b = min(max(clicks_b, 0), impressions_b)
+    if not 0 <= clicks_a <= impressions_a:
+        clicks_a = min(max(clicks_a, 0), impressions_a)
+    if not 0 <= clicks_b <= impressions_b:
+        clicks_b = min(max(clicks_b, 0), impressions_b)
     a_a, b_a = 1 + clicks_a, 1 + impressions_a - clicks_a
     a_b, b_b = 1 + clicks_b, 1 + impressions_b - clicks_b
     smallest = min(a_a, b_a, a_b, b_b)
@@ -90,20 +100,31 @@ def _p_second_greater(a1: int, b1: int, a2: int, b2: int) -> float:
 
     ``sum_{i<a2} B(a1 + i, b1 + b2) / ((b2 + i) B(1 + i, b2) B(a1, b1))``; consecutive
     terms have the ratio ``(a1 + i)(b2 + i) / ((a1 + b1 + b2 + i)(i + 1))``. Terms are
-    carried relative to ``exp(offset)`` so a first term below the float range does
-    not vanish.
+    carried relative to the first, ``exp(offset)``, so a first term below the float
+    range does not vanish. Long sums run in numpy (faster above ~100 terms).
     """
     lg = math.lgamma
     offset = lg(a1 + b1) + lg(b1 + b2) - lg(b1) - lg(a1 + b1 + b2)
     c = a1 + b1 + b2
-    term, total = 1.0, 0.0
-    for i in range(a2):
-        total += term
-        term *= (a1 + i) * (b2 + i) / ((c + i) * (i + 1))
-        if term > 1e250:
-            term *= 1e-250
-            total *= 1e-250
-            offset += _LOG_RESCALE
+    if a2 > _NUMPY_FROM_TERMS:
+        i = np.arange(a2 - 1, dtype=np.float64)
+        log_terms = (a1 + i) * (b2 + i)
+        log_terms /= (c + i) * (i + 1.0)
+        np.log(log_terms, out=log_terms)
+        np.cumsum(log_terms, out=log_terms)  # log(term_{i+1} / term_0)
+        top = max(0.0, float(log_terms.max()))
+        log_terms -= top
+        total = float(np.exp(log_terms, out=log_terms).sum()) + math.exp(-top)
+        offset += top
+    else:
+        term, total = 1.0, 0.0
+        for i in range(a2):
+            total += term
+            term *= (a1 + i) * (b2 + i) / ((c + i) * (i + 1))
+            if term > 1e250:
+                term *= 1e-250
+                total *= 1e-250
+                offset += _LOG_RESCALE
     return min(1.0, max(0.0, total * math.exp(offset)))
 
 
@@ -121,6 +142,24 @@ def _edgeworth(a_a: int, b_a: int, a_b: int, b_b: int) -> float:
     w = (a_b / n_b - a_a / n_a) / sd  # standardised 0
     p = 0.5 * math.erfc(w / _SQRT2) + _INV_SQRT_2PI * math.exp(-0.5 * w * w) * skew / 6.0 * (w * w - 1.0)
     return min(1.0, max(0.0, p))
+
+
+def _decisive_prob(
+    clicks_a: int, impressions_a: int, clicks_b: int, impressions_b: int, confidence: float
+) -> float | None:
+    """:func:`prob_ctr_greater`, or None where it is surely strictly between ``1 - confidence`` and ``confidence``.
+
+    With every Beta parameter above 32 the Edgeworth value is within 2.1e-3 of the
+    exact one (measured), so one more than ``_SCREEN_MARGIN`` inside the band
+    spares the exact sum for the many undecided pairs.
+    """
+    smallest = min(clicks_a, clicks_b, impressions_a - clicks_a, impressions_b - clicks_b) + 1
+    if smallest > _SCREEN_FROM and 0 <= clicks_a and 0 <= clicks_b:
+        a_a, a_b = 1 + clicks_a, 1 + clicks_b
+        approx = _edgeworth(a_a, 1 + impressions_a - clicks_a, a_b, 1 + impressions_b - clicks_b)
+        if 1.0 - confidence + _SCREEN_MARGIN < approx < confidence - _SCREEN_MARGIN:
+            return None
+    return prob_ctr_greater(clicks_a, impressions_a, clicks_b, impressions_b)
 
 
 def evidence_level(impressions_a: int, impressions_b: int, min_impressions: int) -> int:
@@ -173,7 +212,9 @@ class PairMiner:
     """Turns per-group creative counters into :class:`~streams.messages.PreferencePair` messages.
 
     State is the highest evidence level emitted per (group, product, winner,
-    loser), at most ``config.max_tracked`` keys; the miner pickles.
+    loser), at most ``config.max_tracked`` keys; the miner pickles. A check of an
+    8-creative slate (28 pairs) costs ~70-90 us when no pair is due: undecided
+    pairs are screened out by the Edgeworth value before the exact sum.
 
     Parameters
     ----------
@@ -195,7 +236,7 @@ class PairMiner:
     ) -> list[PreferencePair]:
         """New preference pairs among ``creatives`` (creative id -> (stats, prompt text)) of one (group, product).
 
-        Creatives without a prompt (``None``: replayed logs) or with fewer than
+        Creatives without a prompt (``None`` in replayed logs, or empty) or with fewer than
         ``min_impressions`` impressions are skipped, and so are two creatives with
         the same prompt text (nothing to learn). Returns at most
         ``max_pairs_per_check`` pairs, highest ``prob_winner_better`` first, and
@@ -205,7 +246,7 @@ class PairMiner:
         eligible = sorted(
             (creative, stats, prompt)
             for creative, (stats, prompt) in creatives.items()
-            if prompt is not None and stats.impressions >= config.min_impressions
+            if prompt and stats.impressions >= config.min_impressions
         )
         found: list[tuple[float, str, str, int, CreativeStats, CreativeStats, str, str]] = []
         for (id_a, stats_a, prompt_a), (id_b, stats_b, prompt_b) in combinations(eligible, 2):
@@ -218,7 +259,11 @@ class PairMiner:
                 and self._emitted.get((group, product, id_b, id_a), -1) >= level
             ):
                 continue
-            p = prob_ctr_greater(stats_a.clicks, stats_a.impressions, stats_b.clicks, stats_b.impressions)
+            p = _decisive_prob(
+                stats_a.clicks, stats_a.impressions, stats_b.clicks, stats_b.impressions, config.confidence
+            )
+            if p is None:
+                continue
             if p >= config.confidence:
                 candidate = (p, id_a, id_b, level, stats_a, stats_b, prompt_a, prompt_b)
             elif 1.0 - p >= config.confidence:

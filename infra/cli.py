@@ -188,6 +188,29 @@ def replay_taobao(
         typer.echo(f"{len(report.bad_rows)} bad rows were not replayed{more}", err=True)
 
 
+# --------------------------------------------------------------------- worker
+
+
+@app.command("worker")
+@friendly_errors
+def worker(
+    workers: Annotated[
+        int | None,
+        typer.Option("-n", "--workers", help="Worker processes in one consumer group (default: settings).", min=1),
+    ] = None,
+    index: Annotated[int, typer.Option(help="This worker's number (set by -n; picks its metrics port).", min=1)] = 1,
+    loglevel: Annotated[str, typer.Option(help="Faust log level: debug, info, warning, error.")] = "warning",
+) -> None:
+    """Run the stream worker: validate, dedupe, group, count CTR, mine preference pairs, detect drift."""
+    from streams.worker import run_worker, spawn_workers
+
+    settings = _settings()
+    count = workers or settings.streams.workers
+    if count > 1:
+        raise typer.Exit(spawn_workers(count, ["--loglevel", loglevel]))
+    run_worker(settings, index=index, loglevel=loglevel)
+
+
 # -------------------------------------------------------------- world, simulate
 
 WorldOption = Annotated[
@@ -336,7 +359,7 @@ def demo(
 
 # ---------------------------------------------------------------------- bench
 
-BENCHMARKS: dict[str, str] = {}
+BENCHMARKS: dict[str, str] = {"streams": "bench.streams", "grouping": "bench.grouping"}
 """Benchmark name -> module under ``bench/`` exposing ``run(BenchOptions) -> dict``."""
 
 

@@ -54,6 +54,30 @@ class TopicSettings(BaseModel):
         return [self.impressions, self.clicks, self.preference_pairs, self.dead_letter, self.drift_alerts]
 
 
+class StreamsSettings(BaseModel):
+    """The Faust stream worker (``osmf worker``)."""
+
+    app_id: str = Field("osmf-worker", min_length=1, description="Consumer group and table-topic prefix.")
+    batch_size: int = Field(1000, ge=1, le=100_000, description="Events per micro-batch (stream.take_events).")
+    batch_within_s: float = Field(0.2, gt=0, description="Longest wait to fill a micro-batch.")
+    dedupe_window_s: float = Field(3600.0, gt=0, description="Event-time window in which duplicate ids are dropped.")
+    attribution_window_s: float = Field(1800.0, gt=0, description="Latest a click may follow its impression.")
+    drift_label_delay_s: float = Field(
+        60.0, gt=0, description="An impression counts as not clicked for drift once this much event time passed."
+    )
+    max_groups: int = Field(8, ge=1, le=256, description="Most groups per product category.")
+    min_pair_impressions: int = Field(100, ge=1, description="Impressions each creative needs before pairing.")
+    pair_confidence: float = Field(0.95, gt=0.5, lt=1.0, description="P(CTR_A > CTR_B) needed for a pair.")
+    outcome_partitions: int = Field(4, ge=1, le=1024, description="Partitions of the internal per-category topic.")
+    session_timeout_s: float = Field(
+        10.0, gt=1, description="Kafka group session timeout; joining a group takes about half of it on Tansu."
+    )
+    metrics_port: int = Field(
+        9108, ge=0, le=65535, description="Prometheus metrics port of worker 1 (worker i: +i-1); 0 = off."
+    )
+    workers: int = Field(1, ge=1, le=64, description="Worker processes started by `osmf worker`.")
+
+
 class SimulatorSettings(BaseModel):
     """The simulated ad system (``osmf simulate``)."""
 
@@ -84,6 +108,7 @@ class Settings(BaseSettings):
     )
     broker: BrokerSettings = BrokerSettings()
     topics: TopicSettings = TopicSettings()
+    streams: StreamsSettings = StreamsSettings()
     simulator: SimulatorSettings = SimulatorSettings()
     render: RenderSettings = RenderSettings()
 

@@ -1,0 +1,275 @@
+"""Stage 2 of the worker, per category partition: group, count, mine pairs, watch drift.
+
+Stage 1 (:mod:`streams.ingest`) sends, per micro-batch and category, one
+:class:`OutcomeBatch` keyed by category to an internal topic. Event time is
+only roughly ordered across user partitions, so expiry queues are kept in
+arrival order (an entry leaves once it is at the front and older than the
+window). One partition owns each category, so one grouping model per category assigns every user
+(group ids are the same for every worker) and the counts per
+(group, product, creative) are totals, not per-worker partials.
+
+State lives in mappings the Faust app backs with changelog tables:
+
+* ``assigned``: impression id -> ``[group, product, creative, ts, clicked, category, user]``,
+  kept for the attribution window; it makes this stage idempotent (a re-sent
+  impression or click is recognised and not counted twice);
+* ``ctr``: ``"group|product"`` -> ``{creative: [impressions, clicks, prompt]}``;
+* ``attr_ctr``: group -> ``{"attribute=value": [impressions, clicks]}``;
+* ``user_groups``: ``"category|user"`` -> group, the user's current group.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+from collections import defaultdict, deque
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from streams.ctr import CreativeStats
+from streams.drift import DriftMonitor
+from streams.grouping import ProductAwareGrouper
+from streams.messages import DriftAlert, PreferencePair
+from streams.pairs import PairMiner
+from streams.prompt import PromptError, parse_prompt
+
+Store = MutableMapping[str, Any]
+
+
+@dataclass
+class OutcomeBatch:
+    """What stage 1 accepted for one category in one micro-batch.
+
+    ``impressions`` rows: ``[event_id, user_id, user_attributes, product_id, creative_id, prompt, ts]``;
+    ``clicks`` rows: ``[impression_id, ts]``.
+    """
+
+    impressions: list[list[Any]] = field(default_factory=list)
+    clicks: list[list[Any]] = field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        """JSON wire form."""
+        return json.dumps({"impressions": self.impressions, "clicks": self.clicks}, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> OutcomeBatch:
+        """Parse the JSON wire form."""
+        payload = json.loads(data)
+        return cls(impressions=payload["impressions"], clicks=payload["clicks"])
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    """Windows of stage 2, in event-time milliseconds, and how often grouping is snapshotted."""
+
+    attribution_window_ms: int = 1_800_000
+    drift_label_delay_ms: int = 60_000
+    snapshot_every: int = 10
+
+
+@dataclass
+class AggregateCounters:
+    """What stage 2 counted, for metrics."""
+
+    impressions: int = 0
+    clicks: int = 0
+    duplicates: int = 0
+    pairs: int = 0
+    alerts: int = 0
+
+
+@dataclass
+class AggregateResult:
+    """Messages to emit after one outcome batch."""
+
+    pairs: list[PreferencePair] = field(default_factory=list)
+    alerts: list[DriftAlert] = field(default_factory=list)
+
+
+@dataclass
+class AggregateStores:
+    """The stage's durable state (Faust tables in the worker, dicts in tests)."""
+
+    assigned: Store
+    ctr: Store
+    attr_ctr: Store
+    user_groups: Store
+    grouping: Store
+
+
+class AggregateStage:
+    """Assigns groups and keeps per-group CTR tables for the categories it owns."""
+
+    def __init__(
+        self,
+        config: AggregateConfig,
+        stores: AggregateStores,
+        new_grouper: Callable[[], ProductAwareGrouper],
+        miner: PairMiner,
+        drift: DriftMonitor,
+    ) -> None:
+        self.config = config
+        self.stores = stores
+        self.miner = miner
+        self.drift = drift
+        self.counters = AggregateCounters()
+        self._new_grouper = new_grouper
+        self._groupers: dict[str, ProductAwareGrouper] = {}
+        self._batches: dict[str, int] = defaultdict(int)
+        self._watermark: dict[str, int] = defaultdict(int)
+        self._labels: dict[str, deque[tuple[int, str]]] = defaultdict(deque)
+        self._expiry: dict[str, deque[tuple[int, str]]] = defaultdict(deque)
+        self.rebuild()
+
+    def watermark(self, category: str) -> int:
+        """Largest impression time counted for ``category``."""
+        return self._watermark[category]
+
+    def rebuild(self) -> None:
+        """Recreate the expiry queues from the ``assigned`` store (after recovery).
+
+        Drift labels of impressions from before a restart are not replayed.
+        """
+        self._expiry.clear()
+        entries = sorted((v[3], k, v[5]) for k, v in list(self.stores.assigned.items()))
+        for ts, impression_id, category in entries:
+            self._expiry[category].append((ts, impression_id))
+            self._watermark[category] = max(self._watermark[category], ts)
+
+    def grouper(self, category: str) -> ProductAwareGrouper:
+        """The category's grouping model, restored from its last snapshot when there is one."""
+        grouper = self._groupers.get(category)
+        if grouper is None:
+            snapshot = self.stores.grouping.get(category)
+            grouper = pickle.loads(base64.b64decode(snapshot)) if snapshot else self._new_grouper()
+            self._groupers[category] = grouper
+        return grouper
+
+    def apply(self, category: str, batch: OutcomeBatch) -> AggregateResult:
+        """Count one outcome batch of ``category``; return the pairs and alerts it produced."""
+        grouper = self.grouper(category)
+        ctr_delta: dict[tuple[str, str], dict[str, list[Any]]] = defaultdict(dict)
+        attr_delta: dict[str, dict[str, list[int]]] = defaultdict(dict)
+        assigned = self.stores.assigned
+        for event_id, user_id, user, product, creative, prompt, ts in batch.impressions:
+            if event_id in assigned:
+                self.counters.duplicates += 1
+                continue
+            group = grouper.learn_and_assign(category, user, creative)
+            assigned[event_id] = [group, product, creative, ts, 0, category, user]
+            self._expiry[category].append((ts, event_id))
+            self._labels[category].append((ts, event_id))
+            user_key = f"{category}|{user_id}"
+            if self.stores.user_groups.get(user_key) != group:
+                self.stores.user_groups[user_key] = group
+            _bump(ctr_delta[(group, product)], creative, 0, prompt)
+            for name in _attribute_names(prompt):
+                _bump(attr_delta[group], name, 0, None)
+            self._watermark[category] = max(self._watermark[category], ts)
+            self.counters.impressions += 1
+        for impression_id, ts in batch.clicks:
+            entry = assigned.get(impression_id)
+            if entry is None or entry[4]:
+                self.counters.duplicates += 1
+                continue
+            group, product, creative, imp_ts = entry[:4]
+            assigned[impression_id] = [group, product, creative, imp_ts, 1, category, entry[6]]
+            grouper.learn_click(category, entry[6], creative)
+            prompt = self._prompt_of(group, product, creative, ctr_delta)
+            _bump(ctr_delta[(group, product)], creative, 1, prompt)
+            for name in _attribute_names(prompt):
+                _bump(attr_delta[group], name, 1, None)
+            self.counters.clicks += 1
+        self._apply_deltas(ctr_delta, attr_delta)
+        result = AggregateResult()
+        ts_now = self._watermark[category]
+        for group, product in ctr_delta:
+            result.pairs.extend(self._mine(category, group, product, ts_now))
+        result.alerts.extend(self._label_drift(category))
+        self._expire(category)
+        self._batches[category] += 1
+        if self._batches[category] % self.config.snapshot_every == 0:
+            self.snapshot(category)
+        self.counters.pairs += len(result.pairs)
+        self.counters.alerts += len(result.alerts)
+        return result
+
+    def snapshot(self, category: str) -> None:
+        """Store the category's grouping model so a restarted worker keeps its group ids."""
+        self.stores.grouping[category] = base64.b64encode(pickle.dumps(self.grouper(category))).decode()
+
+    def creative_stats(self, group: str, product: str) -> dict[str, tuple[CreativeStats, str | None]]:
+        """Counts and prompt of every creative of (group, product)."""
+        row = self.stores.ctr.get(f"{group}|{product}") or {}
+        return {c: (CreativeStats(v[0], v[1]), v[2]) for c, v in row.items()}
+
+    def _prompt_of(self, group: str, product: str, creative: str, delta: dict) -> str | None:
+        pending = delta.get((group, product), {}).get(creative)
+        if pending is not None:
+            return pending[2]
+        row = self.stores.ctr.get(f"{group}|{product}") or {}
+        return row.get(creative, [0, 0, None])[2]
+
+    def _apply_deltas(self, ctr_delta: dict, attr_delta: dict) -> None:
+        for (group, product), creatives in ctr_delta.items():
+            key = f"{group}|{product}"
+            row = dict(self.stores.ctr.get(key) or {})
+            for creative, (imps, clicks, prompt) in creatives.items():
+                old = row.get(creative, [0, 0, prompt])
+                row[creative] = [old[0] + imps, old[1] + clicks, old[2] or prompt]
+            self.stores.ctr[key] = row
+        for group, names in attr_delta.items():
+            row = dict(self.stores.attr_ctr.get(group) or {})
+            for name, (imps, clicks, _) in names.items():
+                old = row.get(name, [0, 0])
+                row[name] = [old[0] + imps, old[1] + clicks]
+            self.stores.attr_ctr[group] = row
+
+    def _mine(self, category: str, group: str, product: str, ts: int) -> list[PreferencePair]:
+        return self.miner.mine(group, category, product, self.creative_stats(group, product), ts)
+
+    def _label_drift(self, category: str) -> list[DriftAlert]:
+        """Feed impressions whose click window for drift has passed to the drift monitor."""
+        edge = self._watermark[category] - self.config.drift_label_delay_ms
+        labels = self._labels[category]
+        alerts = []
+        while labels and labels[0][0] < edge:
+            ts, impression_id = labels.popleft()
+            entry = self.stores.assigned.get(impression_id)
+            if entry is None:
+                continue
+            alert = self.drift.update(entry[0], category, bool(entry[4]), ts)
+            if alert is not None:
+                alerts.append(alert)
+        return alerts
+
+    def _expire(self, category: str) -> None:
+        edge = self._watermark[category] - self.config.attribution_window_ms
+        expiry = self._expiry[category]
+        while expiry and expiry[0][0] < edge:
+            _, impression_id = expiry.popleft()
+            self.stores.assigned.pop(impression_id, None)
+
+
+def _bump(row: dict[str, list[Any]], key: str, clicked: int, prompt: str | None) -> None:
+    counts = row.get(key)
+    if counts is None:
+        row[key] = counts = [0, 0, prompt]
+    if clicked:
+        counts[1] += 1
+    else:
+        counts[0] += 1
+
+
+@lru_cache(maxsize=65536)
+def _attribute_names(prompt: str | None) -> tuple[str, ...]:
+    """``attribute=value`` names of a prompt's visual attributes (none when it has no valid prompt)."""
+    if not prompt:
+        return ()
+    try:
+        return tuple(f"{k}={v}" for k, v in parse_prompt(prompt).attributes().items())
+    except PromptError:
+        return ()

@@ -1,0 +1,237 @@
+"""The Faust stream worker: two agents over the impression and click streams.
+
+* ``ingest`` reads impressions and clicks (keyed by user, so no repartition is
+  needed) in micro-batches: validate (bad events to the dead-letter topic),
+  deduplicate, attribute clicks (:mod:`streams.ingest`), then send one outcome
+  batch per category to the internal ``<app_id>-outcomes`` topic keyed by
+  category;
+* ``aggregate`` owns the categories: grouping, CTR tables, preference pairs,
+  drift alerts (:mod:`streams.aggregate`).
+
+Delivery is at-least-once (Faust commits offsets after a batch is handled);
+idempotence by event id in both stages turns redelivery into exact counts.
+Tables are in-memory stores rebuilt from their changelog topics on restart.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import faust
+from faust.streams import _current_event
+from faust.types import EventT, StreamT
+
+from infra.settings import Settings
+from streams import metrics
+from streams.aggregate import AggregateConfig, AggregateStage, AggregateStores, OutcomeBatch
+from streams.drift import DriftMonitor
+from streams.grouping import GroupingConfig, ProductAwareGrouper
+from streams.ingest import BatchResult, IngestConfig, IngestStage
+from streams.journal import JournalStore
+from streams.messages import DeadLetter
+from streams.messages import to_bytes as message_bytes
+from streams.pairs import PairMiner, PairMinerConfig
+
+
+class Worker:
+    """The Faust app with its topics, tables and the two stages, built from settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        cfg = settings.streams
+        topics = settings.topics
+        self.app = faust.App(
+            cfg.app_id,
+            broker=[f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")],
+            store="memory://",
+            web_enabled=False,
+            key_serializer="raw",
+            value_serializer="raw",
+            topic_partitions=topics.partitions,
+            topic_replication_factor=1,
+            table_standby_replicas=0,
+            consumer_auto_offset_reset="earliest",
+            broker_session_timeout=cfg.session_timeout_s,
+            broker_heartbeat_interval=max(cfg.session_timeout_s / 5, 0.5),
+            broker_rebalance_timeout=max(cfg.session_timeout_s, 5.0),
+            stream_buffer_maxsize=max(4 * cfg.batch_size, 4096),
+            broker_max_poll_records=max(cfg.batch_size, 500),
+            producer_linger=0.005,
+        )
+        self.events_topic = self.app.topic(topics.impressions, topics.clicks)
+        self.outcomes_topic = self.app.topic(f"{cfg.app_id}-outcomes", partitions=cfg.outcome_partitions, internal=True)
+        self.dead_letter_topic = self.app.topic(topics.dead_letter)
+        self.pairs_topic = self.app.topic(topics.preference_pairs)
+        self.drift_topic = self.app.topic(topics.drift_alerts)
+
+        json_schema = faust.Schema(key_serializer="json", value_serializer="json")
+
+        def table(name: str, partitions: int) -> faust.Table:
+            return self.app.Table(name, default=None, partitions=partitions, schema=json_schema)
+
+        window_ms = int(cfg.attribution_window_s * 1000)
+        self.seen = JournalStore(table("seen-journal", topics.partitions), int(cfg.dedupe_window_s * 1000))
+        self.index = JournalStore(table("impression-index-journal", topics.partitions), window_ms)
+        self.assigned = JournalStore(table("assigned-journal", cfg.outcome_partitions), window_ms)
+        self.stores = AggregateStores(
+            assigned=self.assigned,
+            ctr=table("ctr", cfg.outcome_partitions),
+            attr_ctr=table("attr-ctr", cfg.outcome_partitions),
+            user_groups=table("user-groups", cfg.outcome_partitions),
+            grouping=table("grouping", cfg.outcome_partitions),
+        )
+        self.ingest = IngestStage(
+            IngestConfig(dedupe_window_ms=int(cfg.dedupe_window_s * 1000), attribution_window_ms=window_ms),
+            seen=self.seen,
+            index=self.index,
+        )
+        grouping_config = GroupingConfig(max_groups=cfg.max_groups)
+        self.aggregate = AggregateStage(
+            AggregateConfig(attribution_window_ms=window_ms, drift_label_delay_ms=int(cfg.drift_label_delay_s * 1000)),
+            self.stores,
+            new_grouper=lambda: ProductAwareGrouper(grouping_config),
+            miner=PairMiner(PairMinerConfig(min_impressions=cfg.min_pair_impressions, confidence=cfg.pair_confidence)),
+            drift=DriftMonitor(),
+        )
+        self._next_offset: dict[tuple[str, int], int] = {}
+        self._register()
+
+    def _register(self) -> None:
+        self.app.agent(self.events_topic, name="ingest")(self._ingest_agent)
+        self.app.agent(self.outcomes_topic, name="aggregate")(self._aggregate_agent)
+        self.seen.table.on_recover(self._rebuild_ingest)
+        self.index.table.on_recover(self._rebuild_ingest)
+        self.assigned.table.on_recover(self._rebuild_aggregate)
+        self.app.timer(5.0)(self._report_lag)
+
+    async def _rebuild_ingest(self) -> None:
+        self.seen.recover()
+        self.index.recover()
+        self.ingest.rebuild()
+
+    async def _rebuild_aggregate(self) -> None:
+        self.assigned.recover()
+        self.aggregate.rebuild()
+
+    async def _ingest_agent(self, stream: StreamT) -> None:
+        cfg = self.settings.streams
+        async for events in stream.take_events(cfg.batch_size, within=cfg.batch_within_s):
+            await self._ingest_batch(stream, events)
+
+    async def _ingest_batch(self, stream: StreamT, events: Sequence[EventT]) -> None:
+        metrics.BATCH_SIZE.observe(len(events))
+        by_partition: dict[int, list[EventT]] = defaultdict(list)
+        for event in events:
+            message = event.message
+            by_partition[message.partition].append(event)
+            self._next_offset[(message.topic, message.partition)] = message.offset + 1
+            metrics.EVENTS_IN.labels(message.topic).inc()
+        outcomes: dict[str, OutcomeBatch] = defaultdict(OutcomeBatch)
+        before = _snapshot(self.ingest.counters)
+        for partition, part_events in by_partition.items():
+            with _table_context(part_events[-1]):
+                result = self.ingest.process(partition, [e.value for e in part_events])
+                watermark = self.ingest.watermark(partition)
+                self.seen.flush(partition, watermark)
+                self.index.flush(partition, watermark)
+            await self._dead_letter(result, part_events)
+            _collect(result, outcomes)
+        for category, batch in outcomes.items():
+            await self.outcomes_topic.send(key=category.encode(), value=batch.to_bytes())
+        _count_ingest(before, self.ingest.counters)
+
+    async def _dead_letter(self, result: BatchResult, part_events: Sequence[EventT]) -> None:
+        if not result.rejected:
+            return
+        for rejected in result.rejected:
+            message = part_events[rejected.position].message
+            letter = DeadLetter.from_error(
+                rejected.error,
+                rejected.raw,
+                source_topic=message.topic,
+                partition=message.partition,
+                offset=message.offset,
+                ts=int(time.time() * 1000),
+            )
+            await self.dead_letter_topic.send(key=message.key, value=message_bytes(letter))
+            metrics.DEAD_LETTERED.labels(rejected.error.field).inc()
+
+    async def _aggregate_agent(self, stream: StreamT) -> None:
+        async for event in stream.events():
+            category = event.key.decode()
+            batch = OutcomeBatch.from_bytes(event.value)
+            message = event.message
+            self._next_offset[(message.topic, message.partition)] = message.offset + 1
+            before = _snapshot(self.aggregate.counters)
+            result = self.aggregate.apply(category, batch)
+            self.assigned.flush(message.partition, self.aggregate.watermark(category))
+            for pair in result.pairs:
+                await self.pairs_topic.send(key=pair.group_id.encode(), value=message_bytes(pair))
+            for alert in result.alerts:
+                await self.drift_topic.send(key=alert.group_id.encode(), value=message_bytes(alert))
+            _count_aggregate(before, self.aggregate.counters)
+            metrics.GROUPS.labels(category).set(len(self.aggregate.grouper(category).groups(category)))
+
+    async def _report_lag(self) -> None:
+        consumer = self.app.consumer
+        inputs = {self.settings.topics.impressions, self.settings.topics.clicks, self.outcomes_topic.get_topic_name()}
+        for tp in consumer.assignment():
+            if tp.topic not in inputs:
+                continue
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                continue
+            position = self._next_offset.get((tp.topic, tp.partition), 0)
+            metrics.LAG.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+
+
+@contextmanager
+def _table_context(event: EventT) -> Iterator[None]:
+    """Make ``event`` the current event for table writes in this task.
+
+    ``take_events()`` hands over a whole micro-batch, outside Faust's per-event
+    context; tables read that context to pick the changelog partition of a
+    write, so it is set to an event of the partition being processed.
+    """
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+def _collect(result: BatchResult, outcomes: dict[str, OutcomeBatch]) -> None:
+    for imp in result.impressions:
+        outcomes[imp.category].impressions.append(
+            [imp.event_id, imp.user_id, imp.user, imp.product_id, imp.creative_id, imp.prompt, imp.ts]
+        )
+    for click in result.clicks:
+        outcomes[click.category].clicks.append([click.impression_id, click.ts])
+
+
+def _snapshot(counters: Any) -> dict[str, int]:
+    return dict(vars(counters))
+
+
+def _count_ingest(before: dict[str, int], counters: Any) -> None:
+    now = vars(counters)
+    metrics.EVENTS_ACCEPTED.labels("impression").inc(now["impressions"] - before["impressions"])
+    metrics.DUPLICATES.labels("ingest").inc(now["duplicates"] - before["duplicates"])
+    for outcome, name in (("attributed", "clicks_attributed"), ("late", "clicks_late"),
+                          ("orphan", "clicks_orphan"), ("repeat", "clicks_repeat")):
+        metrics.CLICKS.labels(outcome).inc(now[name] - before[name])
+    metrics.HELD_CLICKS.set(now["clicks_held"])
+
+
+def _count_aggregate(before: dict[str, int], counters: Any) -> None:
+    now = vars(counters)
+    metrics.COUNTED.labels("impression").inc(now["impressions"] - before["impressions"])
+    metrics.COUNTED.labels("click").inc(now["clicks"] - before["clicks"])
+    metrics.DUPLICATES.labels("aggregate").inc(now["duplicates"] - before["duplicates"])
+    metrics.PAIRS.inc(now["pairs"] - before["pairs"])
+    metrics.DRIFT_ALERTS.inc(now["alerts"] - before["alerts"])

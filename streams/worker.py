@@ -1,0 +1,62 @@
+"""Running stream workers: one in this process, or N processes in one consumer group."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from infra.settings import Settings
+
+WORKER_INDEX_ENV = "OSMF_WORKER_INDEX"
+
+
+def run_worker(settings: Settings, index: int = 1, loglevel: str = "warning") -> None:
+    """Run one worker until it is stopped (SIGINT/SIGTERM); serves metrics on ``metrics_port + index - 1``."""
+    import faust
+    from prometheus_client import start_http_server
+
+    from streams.app import Worker
+    from streams.kafka import ensure_topics, wait_for_kafka
+
+    wait_for_kafka(settings.bootstrap_servers, timeout_s=30)
+    ensure_topics(settings.bootstrap_servers, settings.topics.all_names(), settings.topics.partitions)
+    if settings.streams.metrics_port:
+        start_http_server(settings.streams.metrics_port + index - 1, addr="127.0.0.1")
+    worker = Worker(settings)
+    logging.getLogger("faust").setLevel(loglevel.upper())
+    faust.Worker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()
+
+
+def spawn_workers(count: int, extra_args: Sequence[str] = ()) -> int:
+    """Start ``count`` worker processes in one consumer group and wait; stop them all on SIGINT/SIGTERM.
+
+    Returns the first non-zero exit status, or 0.
+    """
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "infra.cli", "worker", "-n", "1", "--index", str(i), *extra_args],
+            env={**os.environ, WORKER_INDEX_ENV: str(i)},
+        )
+        for i in range(1, count + 1)
+    ]
+
+    def stop(signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status = 0
+    while any(proc.poll() is None for proc in procs):
+        time.sleep(0.2)
+        for proc in procs:
+            if proc.returncode not in (None, 0) and status == 0:
+                status = proc.returncode
+                stop(signal.SIGTERM, None)
+    return status

@@ -1,0 +1,110 @@
+"""The evaluation gate: a new version goes live only if no group loses and the whole gains.
+
+Figures per group come from held-out preference pairs (preference accuracy:
+share of pairs whose implicit reward margin is > 0, and the mean margin) and,
+when a simulated world is configured, from the simulated CTR of the
+creatives each version writes for that group.
+
+>>> old = {"a": GroupFigures("a", pairs=20, accuracy=0.5, mean_margin=0.0, ctr=0.030),
+...        "b": GroupFigures("b", pairs=10, accuracy=0.5, mean_margin=0.0, ctr=0.020)}
+>>> new = {"a": GroupFigures("a", pairs=20, accuracy=0.8, mean_margin=0.4, ctr=0.036),
+...        "b": GroupFigures("b", pairs=10, accuracy=0.7, mean_margin=0.1, ctr=0.019)}
+>>> decide(new, old, GateConfig(ctr_tolerance=0.005)).promote
+True
+>>> decide(new, old, GateConfig(ctr_tolerance=0.0005)).reason
+'group b: simulated CTR 0.0190 < 0.0200 - 0.0005 (incumbent)'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class GroupFigures:
+    """Held-out figures of one model version for one group."""
+
+    group: str
+    pairs: int
+    accuracy: float
+    mean_margin: float
+    ctr: float | None = None
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Tolerances of the gate.
+
+    Parameters
+    ----------
+    accuracy_tolerance
+        A group may lose at most this much preference accuracy.
+    ctr_tolerance
+        A group may lose at most this much simulated CTR (absolute).
+    min_gain
+        The overall figure (pair-weighted accuracy, or mean CTR when known)
+        must rise by more than this.
+    """
+
+    accuracy_tolerance: float = 0.05
+    ctr_tolerance: float = 0.002
+    min_gain: float = 0.0
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether to promote, why, and the figures behind it."""
+
+    promote: bool
+    reason: str
+    overall_candidate: float
+    overall_incumbent: float
+    candidate: dict[str, dict] = field(default_factory=dict)
+    incumbent: dict[str, dict] = field(default_factory=dict)
+
+
+def decide(
+    candidate: Mapping[str, GroupFigures], incumbent: Mapping[str, GroupFigures], config: GateConfig = GateConfig()
+) -> GateDecision:
+    """Promote only if no group regresses beyond tolerance and the overall figure improves."""
+    use_ctr = all(f.ctr is not None for f in candidate.values()) and all(
+        f.ctr is not None for f in incumbent.values()
+    )
+    for group in sorted(candidate):
+        new, old = candidate[group], incumbent.get(group)
+        if old is None:
+            continue
+        if new.accuracy < old.accuracy - config.accuracy_tolerance:
+            return _decision(False, f"group {group}: preference accuracy {new.accuracy:.3f} < "
+                             f"{old.accuracy:.3f} - {config.accuracy_tolerance} (incumbent)", candidate, incumbent, use_ctr)
+        if use_ctr and new.ctr < old.ctr - config.ctr_tolerance:  # type: ignore[operator]
+            return _decision(False, f"group {group}: simulated CTR {new.ctr:.4f} < {old.ctr:.4f} - "
+                             f"{config.ctr_tolerance} (incumbent)", candidate, incumbent, use_ctr)
+    new_overall, old_overall = _overall(candidate, use_ctr), _overall(incumbent, use_ctr)
+    if new_overall <= old_overall + config.min_gain:
+        what = "mean simulated CTR" if use_ctr else "preference accuracy"
+        return _decision(False, f"overall {what} {new_overall:.4f} does not beat {old_overall:.4f}",
+                         candidate, incumbent, use_ctr)
+    return _decision(True, "no group regressed and the overall figure improved", candidate, incumbent, use_ctr)
+
+
+def _overall(figures: Mapping[str, GroupFigures], use_ctr: bool) -> float:
+    if not figures:
+        return 0.0
+    if use_ctr:
+        return sum(f.ctr for f in figures.values()) / len(figures)  # type: ignore[misc]
+    pairs = sum(f.pairs for f in figures.values()) or 1
+    return sum(f.accuracy * f.pairs for f in figures.values()) / pairs
+
+
+def _decision(promote: bool, reason: str, candidate: Mapping[str, GroupFigures],
+              incumbent: Mapping[str, GroupFigures], use_ctr: bool) -> GateDecision:
+    return GateDecision(
+        promote=promote,
+        reason=reason,
+        overall_candidate=_overall(candidate, use_ctr),
+        overall_incumbent=_overall(incumbent, use_ctr),
+        candidate={g: asdict(f) for g, f in candidate.items()},
+        incumbent={g: asdict(f) for g, f in incumbent.items()},
+    )

@@ -1,0 +1,142 @@
+"""Publish a model version into the model repository, atomically.
+
+Layout (the one Triton reads, DESIGN.md §3)::
+
+    <repo>/<model>/<n>/...        one directory per version, n = 1, 2, ...
+    <repo>/<model>/LATEST.json    {"version": n, "published_at": ..., ...} (announcement)
+
+A version is copied completely under a temporary name (``.tmp-…``, never a
+number, so no loader picks it up), its files are flushed to disk, it is
+verified, and only then renamed to the next version number. A publish killed
+halfway leaves at most a ``.tmp-…`` directory, removed by the next publish.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TMP_PREFIX = ".tmp-"
+LATEST = "LATEST.json"
+
+
+class PublishError(RuntimeError):
+    """Publishing failed; the repository is unchanged."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """A version now live in the repository."""
+
+    model: str
+    version: int
+    path: Path
+
+
+def versions(repo: Path, model: str) -> list[int]:
+    """Published version numbers of ``model``, ascending (temporary directories are ignored)."""
+    root = repo / model
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def latest_version(repo: Path, model: str) -> int | None:
+    """The newest published version, or None."""
+    found = versions(repo, model)
+    return found[-1] if found else None
+
+
+def publish_version(
+    source: Path,
+    repo: Path,
+    model: str,
+    *,
+    verify: Callable[[Path], None] | None = None,
+    metadata: dict[str, Any] | None = None,
+    on_copied: Callable[[Path], None] | None = None,
+) -> Published:
+    """Copy the artifact directory ``source`` into ``repo/model/<next>`` atomically.
+
+    ``verify`` (e.g. the artifact loader's manifest check) runs on the copy
+    before it goes live; ``on_copied`` is a test hook called between copy and
+    rename. Raises :class:`PublishError` when ``source`` is missing or the copy
+    fails verification.
+    """
+    if not source.is_dir():
+        raise PublishError(f"{source}: no such model directory; save a model version there first")
+    root = repo / model
+    root.mkdir(parents=True, exist_ok=True)
+    with _repo_lock(root):
+        _remove_stale_temporaries(root)
+        tmp = root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        shutil.copytree(source, tmp)
+        _fsync_tree(tmp)
+        if on_copied is not None:
+            on_copied(tmp)
+        try:
+            if verify is not None:
+                verify(tmp)
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise PublishError(f"{source}: refused, the copy does not verify: {exc}") from exc
+        version = (latest_version(repo, model) or 0) + 1
+        final = root / str(version)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        _announce(root, version, metadata or {})
+    return Published(model, version, final)
+
+
+def _announce(root: Path, version: int, metadata: dict[str, Any]) -> None:
+    payload = {"version": version, "published_at": time.time(), **metadata}
+    tmp = root / f"{TMP_PREFIX}{LATEST}"
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, root / LATEST)
+
+
+def read_announcement(repo: Path, model: str) -> dict[str, Any] | None:
+    """The last announcement (``LATEST.json``), or None before the first publish."""
+    path = repo / model / LATEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@contextmanager
+def _repo_lock(root: Path) -> Iterator[None]:
+    with open(root / ".publish.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    for path in root.iterdir():
+        if path.name.startswith(TMP_PREFIX) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

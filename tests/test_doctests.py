@@ -1,0 +1,23 @@
+"""The runnable examples in module docstrings stay true."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "streams.events",
+    "streams.prompt",
+    "streams.ingest",
+    "streams.journal",
+    "streams.ctr",
+    "streams.grouping",
+    "learner.dpo.weights",
+    "learner.gate",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name: str) -> None:
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0

@@ -14,6 +14,7 @@ MODULES = [
     "streams.grouping",
     "learner.dpo.weights",
     "learner.gate",
+    "learner.buffer",
 ]
 
 

@@ -300,61 +300,16 @@ def demo(
     world: WorldOption = None,
     duration: Annotated[float, typer.Option(help="Seconds of simulated traffic.", min=1.0)] = 20.0,
     rate: Annotated[float | None, typer.Option(help="Impressions per second (default: settings).", min=1.0)] = None,
+    worker: Annotated[
+        bool, typer.Option(help="Also run the stream worker and print its per-group CTR table.")
+    ] = True,
 ) -> None:
-    """Run the embedded stack end to end: broker, simulated traffic, events read back, CTR table."""
-    from rich.console import Console
-    from rich.progress import Progress
-    from rich.table import Table
-
-    from infra.broker import start_broker
-    from infra.demo import counted, ctr_by_category, simulated_events, time_ordered, world_path
-    from infra.replay import paced
-    from streams.events import Impression
-    from streams.kafka import consume_all, produce_events
+    """Run the embedded stack end to end: broker, stream worker, simulated traffic, CTR tables."""
+    from infra.demo import run_demo, world_path
 
     settings = _settings()
-    console = Console()
-    status = start_broker(settings)
-    console.print(f"[1/3] broker ready at {status.bootstrap}" + ("" if status.external else f" (Tansu pid {status.pid})"))
-    bootstrap = _ready_bootstrap(settings)
     path = world_path(settings, world)
-    loaded = _load_world(path)
-    rate = rate or settings.simulator.rate
-    events = simulated_events(loaded, settings, seed=settings.simulator.seed, rate=rate, duration_s=duration,
-                              start_ts_ms=None)
-    produced: set[str] = set()
-
-    def remember(event):  # noqa: ANN001, ANN202
-        if isinstance(event, Impression):
-            produced.add(event.event_id)
-        return event
-
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"[2/3] simulating {path.name} for {duration:g} s", total=round(duration * rate))
-        live = (remember(e) for e in paced(time_ordered(events), speedup=1.0))
-        sent = produce_events(
-            bootstrap,
-            counted(live, lambda: progress.update(task, completed=len(produced))),
-            settings.topics,
-        )
-    console.print(f"[2/3] sent {sent} events ({len(produced)} impressions) from world {path.name}")
-    records = consume_all(bootstrap, [settings.topics.impressions, settings.topics.clicks])
-    counts = ctr_by_category((r.value for r in records), only_ids=produced)
-    seen = sum(c.impressions for c in counts.values())
-    console.print(f"[3/3] read back {seen} of {len(produced)} impressions of this run from Kafka")
-    table = Table(title="impressions, clicks and CTR per category")
-    for column in ("category", "impressions", "clicks", "CTR"):
-        table.add_column(column, justify="right" if column != "category" else "left")
-    for category, c in counts.items():
-        table.add_row(category, str(c.impressions), str(c.clicks), f"{c.ctr:.2%}")
-    total_i, total_c = seen, sum(c.clicks for c in counts.values())
-    table.add_row("all", str(total_i), str(total_c), f"{(total_c / total_i if total_i else 0):.2%}", style="bold")
-    console.print(table)
-    if seen != len(produced):
-        typer.echo(f"error: {len(produced) - seen} impressions were lost between producer and consumer", err=True)
-        raise typer.Exit(1)
-    if not status.external:
-        console.print("the broker keeps running; stop it with `osmf broker stop`")
+    raise typer.Exit(run_demo(settings, _load_world(path), path.name, duration, rate, with_worker=worker))
 
 
 # ---------------------------------------------------------------------- bench

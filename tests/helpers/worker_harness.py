@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -17,7 +16,8 @@ from pathlib import Path
 
 from infra.settings import Settings, load_settings
 from streams.events import Click, Impression
-from streams.kafka import consume_all, ensure_topics
+from streams.kafka import ensure_topics
+from streams.tables import read_table
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,15 +63,7 @@ class WorkerRun:
 
     def table(self, name: str) -> dict:
         """Current content of a worker table, read from its changelog topic (last value per key)."""
-        topic = f"{self.settings.streams.app_id}-{name}-changelog"
-        rows: dict = {}
-        for record in consume_all(self.settings.bootstrap_servers, [topic]):
-            key = json.loads(record.key)
-            if record.value is None or record.value == b"":
-                rows.pop(key, None)
-            else:
-                rows[key] = json.loads(record.value)
-        return rows
+        return read_table(self.settings.bootstrap_servers, self.settings.streams.app_id, name)
 
     def wait_for(self, condition: Callable[[], bool], timeout_s: float = 120.0, what: str = "") -> None:
         deadline = time.monotonic() + timeout_s

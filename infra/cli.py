@@ -14,6 +14,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from infra.cli_features import features_app
+from infra.cli_learner import learner_app
+
 app = typer.Typer(
     help="OSMF: learn which ad creative each user group prefers, online, and generate it.",
     no_args_is_help=True,
@@ -26,6 +29,8 @@ replay_app = typer.Typer(help="Replay public ad logs into the impression and cli
 app.add_typer(broker_app, name="broker")
 app.add_typer(world_app, name="world")
 app.add_typer(replay_app, name="replay")
+app.add_typer(learner_app, name="learner")
+app.add_typer(features_app, name="features")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -314,7 +319,7 @@ def demo(
 
 # ---------------------------------------------------------------------- bench
 
-BENCHMARKS: dict[str, str] = {"streams": "bench.streams", "grouping": "bench.grouping"}
+BENCHMARKS: dict[str, str] = {"streams": "bench.streams", "grouping": "bench.grouping", "freshness": "bench.freshness", "feature-read": "bench.feature_read", "pretrain": "bench.pretrain"}
 """Benchmark name -> module under ``bench/`` exposing ``run(BenchOptions) -> dict``."""
 
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -91,8 +91,214 @@ class SimulatorSettings(BaseModel):
 class RenderSettings(BaseModel):
     """Which renderer turns a creative prompt into pixels, and at what size."""
 
-    kind: Literal["template"] = Field("template", description="template (embedded default).")
+    kind: Literal["template", "diffusion"] = Field(
+        "template",
+        description="template (embedded default, Pillow) or diffusion (Stable Diffusion + ControlNet, production).",
+    )
     size: int = Field(256, ge=16, le=2048, description="Side of the square ad image in pixels.")
+    checkpoint: Path | None = Field(
+        None,
+        description="diffusion: local directory of an SD1.5-style pipeline (diffusers layout, model_index.json).",
+    )
+    controlnet: Path | None = Field(
+        None, description="diffusion: local ControlNet (canny) directory; default <checkpoint>/controlnet."
+    )
+    steps: int = Field(20, ge=1, le=200, description="diffusion: denoising steps per image.")
+    guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="diffusion: classifier-free guidance scale.")
+    controlnet_scale: float = Field(1.0, ge=0.0, le=5.0, description="diffusion: weight of the canny control.")
+    device: str = Field("cpu", description="diffusion: torch device, e.g. cpu or cuda.")
+    seed: int = Field(0, description="diffusion: seed of the initial noise (same prompt and seed, same image).")
+
+    @model_validator(mode="after")
+    def _diffusion_needs_checkpoint(self) -> RenderSettings:
+        if self.kind == "diffusion" and self.checkpoint is None:
+            raise ValueError("kind 'diffusion' needs render.checkpoint, the local pipeline directory")
+        return self
+
+
+class ModelSettings(BaseModel):
+    """The G-MLLM: a tiny LLaVA built from config (embedded) or a local LLaVA-style checkpoint (production)."""
+
+    base_checkpoint: Path | None = Field(
+        None,
+        description="Local LLaVA-style checkpoint directory (safetensors); None builds the tiny model below.",
+    )
+    vocab_size: int = Field(1024, ge=300, le=65536, description="Byte-level BPE vocabulary trained offline.")
+    hidden_size: int = Field(128, ge=16, le=8192, description="Language model width.")
+    layers: int = Field(4, ge=1, le=64, description="Language model decoder layers.")
+    heads: int = Field(4, ge=1, le=64, description="Attention heads (hidden_size must divide by it).")
+    intermediate_size: int = Field(384, ge=16, le=32768, description="Language model MLP width.")
+    vision_hidden_size: int = Field(64, ge=16, le=4096, description="Vision tower (CLIP-style) width.")
+    vision_layers: int = Field(2, ge=1, le=48, description="Vision tower layers.")
+    image_size: int = Field(32, ge=8, le=1024, description="Side the product image is resized to.")
+    patch_size: int = Field(8, ge=2, le=64, description="Vision patch side; (image_size/patch_size)^2 image tokens.")
+    max_positions: int = Field(512, ge=64, le=32768, description="Longest sequence (tokens) the model takes.")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelSettings:
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of heads {self.heads}")
+        if self.vision_hidden_size % 4:
+            raise ValueError(f"vision_hidden_size {self.vision_hidden_size} must be a multiple of 4 (its heads)")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+        return self
+
+
+TaskName = Literal["group", "click", "product", "generate"]
+
+
+class PretrainSettings(BaseModel):
+    """Pre-training on logged traffic (``osmf learner pretrain``)."""
+
+    impressions: int = Field(300_000, ge=100, description="Simulated impressions logged when pre-training on a world.")
+    creatives_per_product: int = Field(16, ge=1, le=256, description="Random creatives per product in that log.")
+    traffic_seed: int = Field(0, description="Seed of the simulated log.")
+    steps: int = Field(1400, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, le=4096, description="Examples per step (one task per step).")
+    learning_rate: float = Field(2e-3, gt=0, le=1.0, description="Peak AdamW learning rate (cosine decay).")
+    warmup_steps: int = Field(60, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.01, ge=0, le=1.0, description="AdamW weight decay.")
+    tasks: dict[TaskName, float] = Field(
+        default_factory=lambda: {"group": 0.05, "click": 0.45, "product": 0.05, "generate": 0.45},
+        description="Task mixture: share of steps spent on each task (normalised; 0 switches one off).",
+    )
+    generate_sharpness: float = Field(
+        3.0,
+        ge=0,
+        le=20,
+        description="Prompt-generation targets: logged creatives drawn with weight impressions x lift^sharpness "
+        "(lift: smoothed CTR in the group / group CTR); 0 copies the logged mix, higher keeps the winners.",
+    )
+    click_prior_clicks: float = Field(
+        10.0,
+        ge=0,
+        le=1000,
+        description="Click-task targets: each cell's CTR shrunk towards what the group's per-attribute lifts "
+        "predict, with this many pseudo-clicks (0: the raw logged clicks).",
+    )
+    feature_snapshots: int = Field(
+        4, ge=1, le=32, description="Group features read at this many points of the log (data augmentation)."
+    )
+    seed: int = Field(0, description="Seeds the model's initial weights and the example order.")
+    log_every: int = Field(20, ge=1, description="Steps between loss log lines / plot points.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _mixture(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(weight < 0 for weight in value.values()) or sum(value.values()) <= 0:
+            raise ValueError("task weights must be >= 0 and not all 0")
+        return value
+
+
+class GenerationSettings(BaseModel):
+    """How creative prompts are sampled from the G-MLLM."""
+
+    temperature: float = Field(0.8, ge=0.0, le=5.0, description="Sampling temperature; 0 = greedy.")
+    candidates: int = Field(8, ge=1, le=256, description="Prompts sampled per (group, product).")
+    rerank: bool = Field(
+        True, description="Keep the candidate the model's own click prediction scores highest for the group."
+    )
+    constrained: bool = Field(True, description="Only allow tokens that keep the text a valid prompt prefix.")
+    max_new_tokens: int = Field(64, ge=8, le=1024, description="Longest prompt in tokens.")
+
+
+class LearnerSettings(BaseModel):
+    """The learner: G-MLLM architecture, pre-training and generation."""
+
+    output_dir: Path | None = Field(
+        None, description="Where `osmf learner pretrain` writes its run; default <data_dir>/learner/pretrain."
+    )
+    threads: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Torch CPU threads for training and inference. 1 for the tiny model: on 2 shared cores two "
+        "threads were measured 10-50x slower under load (OpenMP waits); raise it for a large model.",
+    )
+    model: ModelSettings = ModelSettings()
+    pretrain: PretrainSettings = PretrainSettings()
+    generation: GenerationSettings = GenerationSettings()
+
+
+class FeaturesSettings(BaseModel):
+    """The Feast feature store (``features/``) and the worker's streaming push into it."""
+
+    enabled: bool = Field(True, description="The stream worker pushes group, user and product features.")
+    project: str = Field(
+        "osmf",
+        pattern=r"^[A-Za-z][A-Za-z0-9_]{0,62}$",
+        description="Feast project name (letters, digits, underscores; it prefixes every online key).",
+    )
+    online_store: Literal["sqlite", "redis"] = Field(
+        "sqlite", description="sqlite: a file under data_dir (embedded); redis: a Redis server (production)."
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis of the online store: redis://[:password@]host:port[/db] or Feast's 'host:port,db=0'.",
+    )
+    push_batch_rows: int = Field(1000, ge=1, le=100_000, description="A push is flushed once this many rows wait.")
+    push_flush_s: float = Field(0.25, gt=0, le=60, description="Longest time a row waits before its push.")
+    push_queue_rows: int = Field(
+        200_000, ge=1, description="Most rows waiting to be pushed; past it new rows are dropped and counted."
+    )
+    push_retries: int = Field(3, ge=0, le=20, description="Retries of a failed push before its rows are dropped.")
+    push_retry_backoff_s: float = Field(0.2, ge=0, le=60, description="Wait before the first retry (doubles).")
+    offline_flush_s: float = Field(
+        10.0, gt=0, description="Pushed rows are appended to the parquet history this often (one part file)."
+    )
+    top_prompts: int = Field(5, ge=1, le=100, description="Top prompts kept per group.")
+    embed_titles: bool = Field(True, description="Embed product titles with all-MiniLM-L6-v2 (loaded offline).")
+    read_cache: bool = Field(True, description="Readers cache online rows until the next push.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, value: str) -> str:
+        _redis_connection_string(value)
+        return value
+
+    @property
+    def redis_connection_string(self) -> str:
+        """The Redis address in Feast's ``host:port,db=N[,password=...]`` form."""
+        return _redis_connection_string(self.redis_url)
+
+
+def _redis_connection_string(url: str) -> str:
+    """``redis://[user:password@]host:port[/db]`` (or Feast's own form) as Feast's connection string.
+
+    >>> _redis_connection_string("redis://:pw@10.0.0.5:6380/2")
+    '10.0.0.5:6380,db=2,password=pw'
+    >>> _redis_connection_string("127.0.0.1:6379,db=1")
+    '127.0.0.1:6379,db=1'
+    """
+    from urllib.parse import unquote, urlsplit
+
+    text = url.strip()
+    fix = "write redis://host:port/db (e.g. redis://127.0.0.1:6379/0) or Feast's 'host:port,db=0'"
+    if "://" not in text:
+        host_port = text.split(",", 1)[0]
+        host, _, port = host_port.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{url!r} has no host:port; {fix}")
+        return text
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"scheme {parts.scheme!r} is not redis://; {fix}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError(f"{url!r} has an invalid port; {fix}") from None
+    if not parts.hostname:
+        raise ValueError(f"{url!r} has no host; {fix}")
+    db_text = parts.path.strip("/") or "0"
+    if not db_text.isdigit():
+        raise ValueError(f"database {db_text!r} is not a number; {fix}")
+    out = f"{parts.hostname}:{port},db={int(db_text)}"
+    if parts.password:
+        out += f",password={unquote(parts.password)}"
+    if parts.scheme == "rediss":
+        out += ",ssl=true"
+    return out
 
 
 class Settings(BaseSettings):
@@ -111,6 +317,8 @@ class Settings(BaseSettings):
     streams: StreamsSettings = StreamsSettings()
     simulator: SimulatorSettings = SimulatorSettings()
     render: RenderSettings = RenderSettings()
+    learner: LearnerSettings = LearnerSettings()
+    features: FeaturesSettings = FeaturesSettings()
 
     @field_validator("kafka_bootstrap")
     @classmethod

@@ -15,7 +15,13 @@ State lives in mappings the Faust app backs with changelog tables:
   impression or click is recognised and not counted twice);
 * ``ctr``: ``"group|product"`` -> ``{creative: [impressions, clicks, prompt]}``;
 * ``attr_ctr``: group -> ``{"attribute=value": [impressions, clicks]}``;
-* ``user_groups``: ``"category|user"`` -> group, the user's current group.
+* ``user_groups``: ``"category|user"`` -> group, the user's current group;
+* ``group_profiles`` (optional): category -> ``{group: profile}``, the group
+  profiles last handed to the feature store (:class:`FeatureFeed`).
+
+:class:`FeatureFeed` turns this state into Feast feature rows after every
+batch (group profiles, group creative preferences, user -> group, products)
+and hands them to the non-blocking pusher of :mod:`features.push`.
 """
 
 from __future__ import annotations
@@ -24,14 +30,16 @@ import base64
 import json
 import pickle
 from collections import defaultdict, deque
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from features.rows import group_preferences_row, group_profile_row, product_row, user_group_row
 from streams.ctr import CreativeStats
 from streams.drift import DriftMonitor
-from streams.grouping import ProductAwareGrouper
+from streams.events import Impression
+from streams.grouping import GroupInfo, ProductAwareGrouper
 from streams.messages import DriftAlert, PreferencePair
 from streams.pairs import PairMiner
 from streams.prompt import PromptError, parse_prompt
@@ -83,10 +91,18 @@ class AggregateCounters:
 
 @dataclass
 class AggregateResult:
-    """Messages to emit after one outcome batch."""
+    """Messages to emit after one outcome batch, and what changed (for the feature feed)."""
 
     pairs: list[PreferencePair] = field(default_factory=list)
     alerts: list[DriftAlert] = field(default_factory=list)
+    ctr_delta: dict[tuple[str, str], dict[str, list[Any]]] = field(default_factory=dict)
+    """(group, product) -> {creative: [impressions, clicks, prompt]} added by the batch."""
+    attr_groups: set[str] = field(default_factory=set)
+    """Groups whose ``attr_ctr`` row changed."""
+    moved: list[tuple[str, str | None, str]] = field(default_factory=list)
+    """(user id, old group or None, new group) of users whose current group changed."""
+    as_of_ms: int = 0
+    """Event time the state now reflects: the latest impression or click time counted."""
 
 
 @dataclass
@@ -98,6 +114,7 @@ class AggregateStores:
     attr_ctr: Store
     user_groups: Store
     grouping: Store
+    group_profiles: Store | None = None
 
 
 class AggregateStage:
@@ -154,6 +171,8 @@ class AggregateStage:
         ctr_delta: dict[tuple[str, str], dict[str, list[Any]]] = defaultdict(dict)
         attr_delta: dict[str, dict[str, list[int]]] = defaultdict(dict)
         assigned = self.stores.assigned
+        moved: list[tuple[str, str | None, str]] = []
+        latest_click = 0
         for event_id, user_id, user, product, creative, prompt, ts in batch.impressions:
             if event_id in assigned:
                 self.counters.duplicates += 1
@@ -163,8 +182,10 @@ class AggregateStage:
             self._expiry[category].append((ts, event_id))
             self._labels[category].append((ts, event_id))
             user_key = f"{category}|{user_id}"
-            if self.stores.user_groups.get(user_key) != group:
+            old_group = self.stores.user_groups.get(user_key)
+            if old_group != group:
                 self.stores.user_groups[user_key] = group
+                moved.append((user_id, old_group, group))
             _bump(ctr_delta[(group, product)], creative, 0, prompt)
             for name in _attribute_names(prompt):
                 _bump(attr_delta[group], name, 0, None)
@@ -183,8 +204,14 @@ class AggregateStage:
             for name in _attribute_names(prompt):
                 _bump(attr_delta[group], name, 1, None)
             self.counters.clicks += 1
+            latest_click = max(latest_click, ts)
         self._apply_deltas(ctr_delta, attr_delta)
-        result = AggregateResult()
+        result = AggregateResult(
+            ctr_delta=dict(ctr_delta),
+            attr_groups=set(attr_delta),
+            moved=moved,
+            as_of_ms=max(self._watermark[category], latest_click),
+        )
         ts_now = self._watermark[category]
         for group, product in ctr_delta:
             result.pairs.extend(self._mine(category, group, product, ts_now))
@@ -273,3 +300,157 @@ def _attribute_names(prompt: str | None) -> tuple[str, ...]:
         return tuple(f"{k}={v}" for k, v in parse_prompt(prompt).attributes().items())
     except PromptError:
         return ()
+
+
+class FeatureFeed:
+    """Feature rows from stage 2's state after each batch, handed to a non-blocking submit function.
+
+    Per outcome batch of a category it submits the ``group_profile`` of every
+    live group (and of retired groups that still have members), the
+    ``group_creative_preferences`` of every group whose counts changed, and the
+    ``user_group`` of every user whose group changed; per ingest batch, the
+    ``product_profile`` of products first seen or changed. Group totals, prompt
+    totals and member counts are kept incrementally and rebuilt from the tables
+    by :meth:`rebuild` (after recovery).
+
+    Rows are stamped with the event time the state reflects (the latest event
+    counted), made strictly increasing per category: stores that keep the
+    newest row by event time (Redis) must never see a change stamped as old as
+    the last one.
+
+    ``submit(view, rows, event_us)`` is :meth:`features.push.FeaturePusher.submit`
+    in the worker; it must not block.
+    """
+
+    def __init__(
+        self,
+        stage: AggregateStage,
+        submit: Callable[[str, list[dict[str, Any]], int], int],
+        top_prompts: int = 5,
+        max_products: int = 1_000_000,
+    ) -> None:
+        self.stage = stage
+        self.submit = submit
+        self.top_prompts = top_prompts
+        self.max_products = max_products
+        self._stamp: dict[str, int] = {}
+        self._product_stamp = 0
+        self._products: dict[str, tuple[Any, ...]] = {}
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """Recompute member counts and group totals from the tables; the next batch of each category
+        re-sends all its groups."""
+        stores = self.stage.stores
+        self._members: dict[str, int] = defaultdict(int)
+        for group in list(stores.user_groups.values()):
+            self._members[group] += 1
+        self._totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        self._prompts: dict[str, dict[str, list[int]]] = defaultdict(dict)
+        for key, creatives in list(stores.ctr.items()):
+            group = key.split("|", 1)[0]
+            for imps, clicks, prompt in creatives.values():
+                self._count(group, imps, clicks, prompt)
+        self._resend = True
+        self._resent: set[str] = set()
+
+    def members(self, group: str) -> int:
+        """Users whose current group is ``group``."""
+        return self._members.get(group, 0)
+
+    def after_batch(self, category: str, result: AggregateResult, groups: list[GroupInfo]) -> None:
+        """Submit the rows that ``result`` (one outcome batch of ``category``) changed."""
+        stamp = self._next_stamp(category, result.as_of_ms * 1000)
+        users = []
+        for user_id, old, new in result.moved:
+            if old is not None:
+                self._members[old] -= 1
+            self._members[new] += 1
+            users.append(user_group_row(user_id, category, new))
+        touched = set(result.attr_groups)
+        ctr = self.stage.stores.ctr
+        for (group, product), creatives in result.ctr_delta.items():
+            row = ctr.get(f"{group}|{product}") or {}
+            for creative, (imps, clicks, _) in creatives.items():
+                prompt = row.get(creative, (0, 0, None))[2]
+                self._count(group, imps, clicks, prompt)
+            touched.add(group)
+        prefix = f"{category}/"
+        if self._resend and category not in self._resent:
+            self._resent.add(category)
+            touched |= {g for g in self._totals if g.startswith(prefix)}
+        profiles = self._profiles(category, groups)
+        preferences = [self._preferences(group) for group in sorted(touched)]
+        if profiles:
+            self.submit("group_profile", profiles, stamp)
+        if preferences:
+            self.submit("group_creative_preferences", preferences, stamp)
+        if users:
+            self.submit("user_group", users, stamp)
+
+    def after_ingest(self, impressions: Iterable[Impression]) -> None:
+        """Submit ``product_profile`` rows of products first seen or changed in an ingest batch."""
+        rows = []
+        latest = 0
+        for imp in impressions:
+            product = imp.product
+            signature = (imp.category, product.get("title"), product.get("price"),
+                         *(product.get(k) for k in ("image_ref", "image_url", "image")))
+            if self._products.get(imp.product_id) == signature:
+                continue
+            if len(self._products) >= self.max_products:
+                self._products.clear()
+            self._products[imp.product_id] = signature
+            rows.append(product_row(imp.product_id, imp.category, product))
+            latest = max(latest, imp.ts)
+        if rows:
+            self._product_stamp = max(latest * 1000, self._product_stamp + 1)
+            self.submit("product_profile", rows, self._product_stamp)
+
+    def _profiles(self, category: str, groups: list[GroupInfo]) -> list[dict[str, Any]]:
+        live = {g.id for g in groups}
+        rows = [
+            group_profile_row(g.id, category=category, rule=g.rule, member_count=self._members.get(g.id, 0),
+                              weight=g.weight, centroid=g.centroid)
+            for g in groups
+        ]
+        prefix = f"{category}/"
+        for group in sorted(g for g in self._members if g.startswith(prefix) and g not in live):
+            count = self._members[group]
+            rows.append(group_profile_row(group, category=category, rule="retired", member_count=count,
+                                          weight=0.0, centroid={}))
+            if count <= 0:
+                del self._members[group]  # announced once with no members; no longer followed
+        table = self.stage.stores.group_profiles
+        if table is not None:
+            table[category] = {row["group_id"]: {k: v for k, v in row.items() if k != "group_id"} for row in rows}
+        return rows
+
+    def _preferences(self, group: str) -> dict[str, Any]:
+        totals = self._totals.get(group, [0, 0])
+        prompts = self._prompts.get(group, {})
+        return group_preferences_row(
+            group,
+            prompts={p: (v[0], v[1]) for p, v in prompts.items()},
+            attributes={k: (v[0], v[1]) for k, v in (self.stage.stores.attr_ctr.get(group) or {}).items()},
+            impressions=totals[0],
+            clicks=totals[1],
+            top_k=self.top_prompts,
+        )
+
+    def _count(self, group: str, imps: int, clicks: int, prompt: str | None) -> None:
+        totals = self._totals[group]
+        totals[0] += imps
+        totals[1] += clicks
+        if prompt:
+            acc = self._prompts[group].get(prompt)
+            if acc is None:
+                self._prompts[group][prompt] = acc = [0, 0]
+            acc[0] += imps
+            acc[1] += clicks
+
+    def _next_stamp(self, category: str, event_us: int) -> int:
+        stamp = max(event_us, self._stamp.get(category, 0) + 1)
+        self._stamp[category] = stamp
+        return stamp
+

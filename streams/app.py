@@ -8,6 +8,11 @@
 * ``aggregate`` owns the categories: grouping, CTR tables, preference pairs,
   drift alerts (:mod:`streams.aggregate`).
 
+With ``features.enabled`` both stages also feed the feature store: rows are
+built after each batch (:class:`streams.aggregate.FeatureFeed`) and pushed to
+Feast from a background thread (:mod:`features.push`), so a slow or failing
+store never blocks or crashes the stream.
+
 Delivery is at-least-once (Faust commits offsets after a batch is handled);
 idempotence by event id in both stages turns redelivery into exact counts.
 Tables are in-memory stores rebuilt from their changelog topics on restart.
@@ -15,6 +20,7 @@ Tables are in-memory stores rebuilt from their changelog topics on restart.
 
 from __future__ import annotations
 
+import logging
 import time
 import weakref
 from collections import defaultdict
@@ -28,7 +34,7 @@ from faust.types import EventT, StreamT
 
 from infra.settings import Settings
 from streams import metrics
-from streams.aggregate import AggregateConfig, AggregateStage, AggregateStores, OutcomeBatch
+from streams.aggregate import AggregateConfig, AggregateStage, AggregateStores, FeatureFeed, OutcomeBatch
 from streams.drift import DriftMonitor
 from streams.grouping import GroupingConfig, ProductAwareGrouper
 from streams.ingest import BatchResult, IngestConfig, IngestStage
@@ -36,6 +42,32 @@ from streams.journal import JournalStore
 from streams.messages import DeadLetter
 from streams.messages import to_bytes as message_bytes
 from streams.pairs import PairMiner, PairMinerConfig
+
+log = logging.getLogger(__name__)
+
+
+FETCH_MAX_WAIT_MS = 100
+"""Longest a consumer fetch waits for data. Faust fixes it at 1,500 ms; on Tansu a fetch then often
+returns only after 0.1-1 s even when records arrived, at each of the worker's two hops. With 100 ms
+the hops add ~50 ms each; a busy worker's fetches return at once either way."""
+
+
+def _short_fetch_wait() -> None:
+    """Make Faust's aiokafka consumers use :data:`FETCH_MAX_WAIT_MS` (once per process)."""
+    from faust.transport.drivers import aiokafka as driver
+
+    thread = driver.AIOKafkaConsumerThread
+    if getattr(thread, "_osmf_fetch_wait", False):
+        return
+    create = thread._create_worker_consumer
+
+    def create_worker_consumer(self, transport):  # noqa: ANN001, ANN202
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # noqa: SLF001 - read by the fetcher at start()
+        return consumer
+
+    thread._create_worker_consumer = create_worker_consumer
+    thread._osmf_fetch_wait = True
 
 
 class Worker:
@@ -45,6 +77,7 @@ class Worker:
         self.settings = settings
         cfg = settings.streams
         topics = settings.topics
+        _short_fetch_wait()
         self.app = faust.App(
             cfg.app_id,
             broker=[f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")],
@@ -84,6 +117,7 @@ class Worker:
             attr_ctr=table("attr-ctr", cfg.outcome_partitions),
             user_groups=table("user-groups", cfg.outcome_partitions),
             grouping=table("grouping", cfg.outcome_partitions),
+            group_profiles=table("group-profiles", cfg.outcome_partitions),
         )
         self.ingest = IngestStage(
             IngestConfig(dedupe_window_ms=int(cfg.dedupe_window_s * 1000), attribution_window_ms=window_ms),
@@ -98,8 +132,29 @@ class Worker:
             miner=PairMiner(PairMinerConfig(min_impressions=cfg.min_pair_impressions, confidence=cfg.pair_confidence)),
             drift=DriftMonitor(),
         )
+        self.pusher = None
+        self.feed: FeatureFeed | None = None
+        if settings.features.enabled:
+            from features.push import FeaturePusher, PushConfig
+            from features.sink import FeastSink
+
+            self.pusher = FeaturePusher(
+                FeastSink(settings), PushConfig.from_settings(settings.features), observer=PushMetrics()
+            )
+            self.feed = FeatureFeed(self.aggregate, self.pusher.submit, top_prompts=settings.features.top_prompts)
         self._next_offset: dict[tuple[str, int], int] = {}
         self._register()
+
+    def start_feature_push(self, wait_s: float = 0.0) -> bool:
+        """Start the background feature pusher; it imports Feast and applies the repository on its thread.
+
+        ``wait_s`` > 0 waits (at most that long) for the store to open, so that those seconds of
+        import, which hold the GIL, are not spent while the stream runs. True when the store is open.
+        """
+        if self.pusher is None:
+            return False
+        self.pusher.start()
+        return self.pusher.wait_opened(wait_s) if wait_s > 0 else False
 
     def _register(self) -> None:
         self.app.agent(self.events_topic, name="ingest")(self._ingest_agent)
@@ -108,6 +163,11 @@ class Worker:
         self.index.table.on_recover(self._rebuild_ingest)
         self.assigned.table.on_recover(self._rebuild_aggregate)
         self.app.timer(5.0)(self._report_lag)
+        self.app.on_before_shutdown.connect(self._close_feature_push)
+
+    async def _close_feature_push(self, sender: object = None, **_: object) -> None:
+        if self.pusher is not None:
+            self.pusher.close(timeout_s=5.0)
 
     async def _rebuild_ingest(self) -> None:
         self.seen.recover()
@@ -117,6 +177,8 @@ class Worker:
     async def _rebuild_aggregate(self) -> None:
         self.assigned.recover()
         self.aggregate.rebuild()
+        if self.feed is not None:
+            self._feed(self.feed.rebuild)
 
     async def _ingest_agent(self, stream: StreamT) -> None:
         cfg = self.settings.streams
@@ -141,6 +203,8 @@ class Worker:
                 self.index.flush(partition, watermark)
             await self._dead_letter(result, part_events)
             _collect(result, outcomes)
+            if self.feed is not None and result.impressions:
+                self._feed(self.feed.after_ingest, result.impressions)
         for category, batch in outcomes.items():
             await self.outcomes_topic.send(key=category.encode(), value=batch.to_bytes())
         _count_ingest(before, self.ingest.counters)
@@ -175,7 +239,20 @@ class Worker:
             for alert in result.alerts:
                 await self.drift_topic.send(key=alert.group_id.encode(), value=message_bytes(alert))
             _count_aggregate(before, self.aggregate.counters)
-            metrics.GROUPS.labels(category).set(len(self.aggregate.grouper(category).groups(category)))
+            groups = self.aggregate.grouper(category).groups(category)
+            metrics.GROUPS.labels(category).set(len(groups))
+            if self.feed is not None:
+                self._feed(self.feed.after_batch, category, result, groups)
+
+    def _feed(self, step: Any, *args: Any) -> None:
+        """Run one feature-feed step; a failure is logged and counted, never raised into the stream."""
+        start = time.perf_counter()
+        try:
+            step(*args)
+        except Exception:  # noqa: BLE001 - features must never stop the stream
+            metrics.FEATURE_FEED_ERRORS.inc()
+            log.exception("building feature rows failed; the stream goes on")
+        metrics.FEATURE_SUBMIT_SECONDS.observe(time.perf_counter() - start)
 
     async def _report_lag(self) -> None:
         consumer = self.app.consumer
@@ -188,6 +265,27 @@ class Worker:
                 continue
             position = self._next_offset.get((tp.topic, tp.partition), 0)
             metrics.LAG.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+
+
+class PushMetrics:
+    """The feature pusher's hooks as Prometheus metrics (:mod:`streams.metrics`)."""
+
+    def pushed(self, view: str, rows: int, seconds: float, oldest_wait_s: float) -> None:
+        metrics.FEATURE_ROWS_PUSHED.labels(view).inc(rows)
+        metrics.FEATURE_PUSH_SECONDS.labels(view).observe(seconds)
+        metrics.FEATURE_PUSH_DELAY.labels(view).observe(oldest_wait_s)
+
+    def retried(self, view: str, error: BaseException) -> None:
+        metrics.FEATURE_PUSH_RETRIES.labels(view).inc()
+
+    def failed(self, view: str, rows: int, error: BaseException) -> None:
+        metrics.FEATURE_PUSH_FAILURES.labels(view).inc()
+
+    def dropped(self, view: str, rows: int, reason: str) -> None:
+        metrics.FEATURE_ROWS_DROPPED.labels(view, reason).inc(rows)
+
+    def queued(self, rows: int) -> None:
+        metrics.FEATURE_QUEUE.set(rows)
 
 
 @contextmanager

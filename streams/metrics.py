@@ -20,3 +20,29 @@ LAG = Gauge("osmf_consumer_lag", "Fetch high-watermark minus next offset to read
 BATCH_SIZE = Histogram(
     "osmf_batch_size", "Events per stage-1 micro-batch.", buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000)
 )
+
+# Feature push (features/push.py through streams.app.PushMetrics)
+FEATURE_ROWS_PUSHED = Counter("osmf_feature_rows_pushed_total", "Feature rows written to the online store.", ["view"])
+FEATURE_PUSH_FAILURES = Counter(
+    "osmf_feature_push_failures_total",
+    "Feature pushes that failed after every retry (view '<open>': the store could not be opened).",
+    ["view"],
+)
+FEATURE_PUSH_RETRIES = Counter("osmf_feature_push_retries_total", "Feature push attempts retried.", ["view"])
+FEATURE_ROWS_DROPPED = Counter(
+    "osmf_feature_rows_dropped_total", "Feature rows not pushed (queue_full, invalid, closing).", ["view", "reason"]
+)
+FEATURE_QUEUE = Gauge("osmf_feature_push_queue_rows", "Feature rows waiting to be pushed.")
+FEATURE_PUSH_SECONDS = Histogram(
+    "osmf_feature_push_seconds", "Time of one online write of a batch of feature rows.", ["view"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+FEATURE_PUSH_DELAY = Histogram(
+    "osmf_feature_push_delay_seconds", "From a row's submit by the stream to its online write (oldest row of a push).",
+    ["view"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+FEATURE_SUBMIT_SECONDS = Histogram(
+    "osmf_feature_submit_seconds", "Stream time spent building and queueing feature rows per batch.",
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05),
+)
+FEATURE_FEED_ERRORS = Counter("osmf_feature_feed_errors_total", "Batches whose feature rows could not be built.")

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from infra.settings import Settings
 
 WORKER_INDEX_ENV = "OSMF_WORKER_INDEX"
+FEATURE_STORE_WAIT_S = 60.0
+"""How long a starting worker waits for its feature store (Feast import, apply) before consuming."""
 
 
 def run_worker(settings: Settings, index: int = 1, loglevel: str = "warning") -> None:
@@ -28,6 +30,10 @@ def run_worker(settings: Settings, index: int = 1, loglevel: str = "warning") ->
     if settings.streams.metrics_port:
         start_http_server(settings.streams.metrics_port + index - 1, addr="127.0.0.1")
     worker = Worker(settings)
+    if settings.features.enabled and not worker.start_feature_push(wait_s=FEATURE_STORE_WAIT_S):
+        logging.getLogger(__name__).warning(
+            "the feature store is not open yet; the stream starts anyway and features follow when it opens"
+        )
     logging.getLogger("faust").setLevel(loglevel.upper())
     faust.Worker(worker.app, loglevel=loglevel, quiet=True).execute_from_commandline()
 

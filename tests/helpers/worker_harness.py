@@ -76,8 +76,15 @@ class WorkerRun:
         raise AssertionError(f"timed out waiting for {what}\n{self.log_tail()}")
 
 
-def isolated_run(broker: Settings, tmp_path: Path, **streams: object) -> WorkerRun:
-    """A pipeline with its own topics and app id on the session broker."""
+def isolated_run(
+    broker: Settings, tmp_path: Path, features: dict[str, object] | None = None, **streams: object
+) -> WorkerRun:
+    """A pipeline with its own topics and app id on the session broker.
+
+    ``features`` sets ``OSMF_FEATURES__<NAME>`` (e.g. ``{"online_store": "redis", "project": "t1"}``);
+    without it the worker does not push features (the stream tests stay about the stream, and
+    each worker start skips Feast's ~10 s import).
+    """
     run_id = uuid.uuid4().hex[:8]
     env = {
         **os.environ,
@@ -93,6 +100,10 @@ def isolated_run(broker: Settings, tmp_path: Path, **streams: object) -> WorkerR
         env[f"OSMF_TOPICS__{topic.upper()}"] = f"t-{run_id}.{topic}"
     for name, value in streams.items():
         env[f"OSMF_STREAMS__{name.upper()}"] = str(value)
+    if features is None:
+        features = {"enabled": "false"}
+    for name, value in features.items():
+        env[f"OSMF_FEATURES__{name.upper()}"] = str(value)
     env.pop("OSMF_CONFIG", None)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

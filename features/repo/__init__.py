@@ -1,0 +1,1 @@
+"""The Feast feature repository: declarations only (``feast apply`` scans this folder)."""

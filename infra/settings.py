@@ -203,6 +203,50 @@ class GenerationSettings(BaseModel):
     max_new_tokens: int = Field(64, ge=8, le=1024, description="Longest prompt in tokens.")
 
 
+class DPOSettings(BaseModel):
+    """Group-DPO training of one learner round (``learner/dpo/``)."""
+
+    beta: float = Field(0.2, gt=0, le=10.0, description="DPO temperature β of the implicit reward.")
+    learning_rate: float = Field(5e-4, gt=0, le=1.0, description="AdamW learning rate (constant after warm-up).")
+    epochs: float = Field(2.0, gt=0, le=100.0, description="Passes over the round's training pairs.")
+    max_steps: int = Field(
+        400, ge=1, description="At most this many optimizer steps per round (caps rounds on a large buffer)."
+    )
+    batch_size: int = Field(8, ge=1, le=1024, description="Pairs per optimizer step.")
+    group_weighting: Literal["inverse_share", "uniform"] = Field(
+        "inverse_share", description="inverse_share: every group gets the same weight; uniform: pairs alike."
+    )
+    group_weight_power: float = Field(1.0, ge=0, le=4.0, description="Exponent of the inverse group share.")
+    sft_weight: float = Field(
+        0.0, ge=0, le=10.0, description="Weight of TRL's SFT term on winners (0: pure sigmoid DPO loss)."
+    )
+    seed: int = Field(0, description="Seeds pair order and dropout.")
+
+
+class LoopSettings(BaseModel):
+    """``osmf learner run``: when to train, what to keep, when to promote, where versions go."""
+
+    model_repository: Path | None = Field(
+        None, description="Model repository Triton reads (<repo>/gmllm/<n>/); default <data_dir>/models."
+    )
+    model_name: str = Field("gmllm", pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$", description="Model name in it.")
+    min_new_pairs: int = Field(200, ge=1, description="Train once this many new pairs have arrived ...")
+    max_wait_s: float = Field(600.0, gt=0, description="... or this long after the last round, with any new pair.")
+    buffer_capacity: int = Field(20_000, ge=1, description="Most preference pairs kept (oldest dropped first).")
+    half_life_s: float = Field(3600.0, gt=0, description="Recency weighting: a pair this much older weighs half.")
+    heldout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of pairs (fixed by a hash of each pair) held out for the gate."
+    )
+    accuracy_tolerance: float = Field(
+        0.05, ge=0, le=1, description="Gate: most held-out preference accuracy a group may lose."
+    )
+    ctr_tolerance: float = Field(0.002, ge=0, le=1, description="Gate: most simulated CTR a group may lose.")
+    min_gain: float = Field(0.0, ge=0, le=1, description="Gate: the overall figure must rise by more than this.")
+    ctr_products_per_group: int = Field(
+        4, ge=1, le=1000, description="Gate with a world: products per group whose served creatives are simulated."
+    )
+
+
 class LearnerSettings(BaseModel):
     """The learner: G-MLLM architecture, pre-training and generation."""
 
@@ -219,6 +263,8 @@ class LearnerSettings(BaseModel):
     model: ModelSettings = ModelSettings()
     pretrain: PretrainSettings = PretrainSettings()
     generation: GenerationSettings = GenerationSettings()
+    dpo: DPOSettings = DPOSettings()
+    loop: LoopSettings = LoopSettings()
 
 
 class FeaturesSettings(BaseModel):

@@ -23,9 +23,13 @@ from learner.dpo.weights import group_pair_weights
 
 
 class GroupDPOTrainer(DPOTrainer):
-    """Group-DPO on TRL; ``train_dataset`` needs the ``args.group_column`` column."""
+    """Group-DPO on TRL; ``train_dataset`` needs the ``args.group_column`` column.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    ``pair_weights`` (keyword only, optional): extra per-pair weights, e.g. the
+    replay buffer's recency weights, multiplied into the group weights.
+    """
+
+    def __init__(self, *args: Any, pair_weights: Any = None, **kwargs: Any) -> None:
         config: GroupDPOConfig = kwargs.get("args") or (args[2] if len(args) > 2 else None)
         if not isinstance(config, GroupDPOConfig):
             raise TypeError("GroupDPOTrainer needs args=GroupDPOConfig(...)")
@@ -39,6 +43,12 @@ class GroupDPOTrainer(DPOTrainer):
         self.pair_weights: np.ndarray = group_pair_weights(
             self.pair_groups, config.group_weighting, config.group_weight_power
         )
+        if pair_weights is not None:
+            extra = np.asarray(pair_weights, dtype=np.float64)
+            if extra.shape != self.pair_weights.shape or not np.all(extra > 0):
+                raise ValueError(f"pair_weights needs one positive weight per pair ({len(self.pair_groups)})")
+            combined = self.pair_weights * extra
+            self.pair_weights = combined / combined.mean()
         super().__init__(*args, **kwargs)
 
     def group_shares(self) -> dict[str, float]:

@@ -261,6 +261,39 @@ class GMLLM:
             scores[start : start + len(chunk)] = pair[:, 0].exp().numpy()
         return scores
 
+    @torch.no_grad()
+    def completion_logprobs(
+        self,
+        items: Sequence[tuple[GroupFeatures | str, ProductRecord, str]],
+        batch_size: int = 32,
+    ) -> np.ndarray:
+        """``log p(completion + EOS | generation input)`` for each ``(group, product, completion text)``.
+
+        The generation input is the one Group-DPO trains on, so the difference
+        of two models' values is the implicit reward of DPO (divided by β).
+        """
+        self.model.eval()
+        out = np.zeros(len(items), dtype=np.float64)
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            prompts = [self.encode(task_segments("generate", group=g, product=p)) for g, p, _ in chunk]
+            targets = [self.encode_completion(text) for _, _, text in chunk]
+            input_ids, attention = self.pad([a + b for a, b in zip(prompts, targets, strict=True)])
+            pixels = torch.stack([self.pixel_values(p) for _, p, _ in chunk])
+            logits = self.model(input_ids=input_ids, attention_mask=attention, pixel_values=pixels,
+                                use_cache=False).logits.float()
+            logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            for row, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+                first = len(prompt) - 1  # logits at position i predict token i + 1
+                out[start + row] = float(logps[row, first : first + len(target)].sum())
+        return out
+
+    def copy(self) -> GMLLM:
+        """An independent copy of the weights (the processor is shared: it is not trained)."""
+        import copy as _copy
+
+        return GMLLM(_copy.deepcopy(self.model), self.processor, dict(self.info))
+
     def answer_logits(self, sequences: list[list[int]], pixels: torch.Tensor | None) -> torch.Tensor:
         """Next-token logits after each (right-padded) input sequence, ``(batch, vocab)``."""
         input_ids, attention = self.pad(sequences)

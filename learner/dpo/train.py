@@ -1,0 +1,163 @@
+"""One Group-DPO fit of the G-MLLM on preference pairs (or its one-size-fits-all baseline).
+
+:func:`fit_group_dpo` turns :class:`infra.settings.DPOSettings` into a
+:class:`~learner.dpo.config.GroupDPOConfig` set up for CPU (``use_cpu``, no
+bf16, no gradient checkpointing: the defaults cost 3× here), builds the TRL
+dataset (:mod:`learner.dpo.data`) and trains the policy in place against a
+frozen reference held in memory (vision inputs cannot use precomputed
+reference log-probs).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infra.settings import DPOSettings
+from learner.data import ProductRecord
+from learner.dpo.config import GroupDPOConfig
+from learner.dpo.data import preference_dataset, usable_pairs
+from learner.group_features import GroupFeatures
+from learner.model.gmllm import GMLLM
+from streams.messages import PreferencePair
+
+
+@dataclass
+class FitResult:
+    """What one fit did: steps, pairs, time, and TRL's logged losses and reward margins."""
+
+    steps: int
+    pairs: int
+    seconds: float
+    pairs_per_group: dict[str, int]
+    sampled_share: dict[str, float]
+    pairs_seen: int = 0
+    losses: list[float] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)
+
+    @property
+    def samples_per_s(self) -> float:
+        """Pairs processed per second of training (steps × batch size / seconds)."""
+        return self.pairs_seen / self.seconds if self.seconds > 0 else float("nan")
+
+
+def dpo_config(settings: DPOSettings, output_dir: str | Path, steps: int, one_size: bool = False,
+               **overrides: Any) -> GroupDPOConfig:
+    """The TRL configuration of a fit: CPU, fp32, no checkpointing, no saving, no reporting."""
+    loss_type = ["sigmoid", "sft"] if settings.sft_weight > 0 else ["sigmoid"]
+    extra: dict[str, Any] = {"loss_weights": [1.0, settings.sft_weight]} if settings.sft_weight > 0 else {}
+    return GroupDPOConfig(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="steps",
+        logging_steps=max(1, steps // 20),
+        disable_tqdm=True,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(10, max(0, steps // 10)),
+        max_steps=steps,
+        beta=settings.beta,
+        loss_type=loss_type,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        group_weighting="uniform" if one_size else settings.group_weighting,
+        group_weight_power=settings.group_weight_power,
+        one_size=one_size,
+        **extra,
+        **overrides,
+    )
+
+
+def fit_steps(pairs: int, settings: DPOSettings) -> int:
+    """Optimizer steps of a fit: ``epochs`` passes over ``pairs``, at most ``max_steps``, at least 1."""
+    return max(1, min(settings.max_steps, math.ceil(settings.epochs * pairs / settings.batch_size)))
+
+
+def fit_group_dpo(
+    policy: GMLLM,
+    reference: GMLLM,
+    pairs: Sequence[PreferencePair],
+    features: Mapping[str, GroupFeatures | str],
+    products: Mapping[str, ProductRecord],
+    settings: DPOSettings,
+    *,
+    one_size: bool = False,
+    pair_weights: Sequence[float] | None = None,
+    steps: int | None = None,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    trainer_class: Any = None,
+) -> FitResult:
+    """Train ``policy`` (in place) with Group-DPO against ``reference`` on ``pairs``.
+
+    ``one_size`` pools the pairs under the neutral prefix with uniform weights.
+    ``pair_weights`` (one per pair, e.g. recency) multiply the group weights.
+    ``trainer_class`` swaps the trainer (the ``group-dpo`` benchmark passes TRL's
+    own ``DPOTrainer``). ``on_log(step, logs)`` sees TRL's logged figures.
+    """
+    from transformers import PrinterCallback, TrainerCallback
+
+    from learner.dpo.trainer import GroupDPOTrainer
+    from learner.model.gmllm import _quiet_transformers
+
+    _quiet_transformers()
+    kept, _ = usable_pairs(pairs, features, products, one_size)
+    if pair_weights is not None:
+        index = {id(p): w for p, w in zip(pairs, pair_weights, strict=True)}
+        weights: list[float] | None = [index[id(p)] for p in kept]
+    else:
+        weights = None
+    dataset = preference_dataset(kept, features, products, policy.tokenizer.eos_token, one_size)
+    total_steps = steps or fit_steps(len(kept), settings)
+    history: list[dict[str, float]] = []
+
+    class _Collect(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                history.append({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
+                if on_log is not None:
+                    on_log(state.global_step, history[-1])
+
+    reference.model.eval()
+    for parameter in reference.model.parameters():
+        parameter.requires_grad_(False)
+    with tempfile.TemporaryDirectory(prefix="osmf-dpo-") as scratch:
+        args = dpo_config(settings, scratch, total_steps, one_size)
+        cls = trainer_class or GroupDPOTrainer
+        kwargs: dict[str, Any] = dict(
+            model=policy.model, ref_model=reference.model, processing_class=policy.processor,
+            args=args, train_dataset=dataset, callbacks=[_Collect()],
+        )
+        if cls is GroupDPOTrainer or issubclass(cls, GroupDPOTrainer):
+            kwargs["pair_weights"] = weights
+        trainer = cls(**kwargs)
+        trainer.remove_callback(PrinterCallback)  # figures go to on_log and FitResult, not stdout
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    policy.model.eval()
+    groups = [p.group_id for p in kept]
+    counts = {g: groups.count(g) for g in sorted(set(groups))}
+    shares = trainer.group_shares() if hasattr(trainer, "group_shares") else {g: c / len(groups) for g, c in counts.items()}
+    return FitResult(
+        steps=int(trainer.state.global_step),
+        pairs=len(kept),
+        seconds=seconds,
+        pairs_per_group=counts,
+        sampled_share={g: round(s, 4) for g, s in sorted(shares.items())},
+        losses=[h["loss"] for h in history],
+        margins=[h.get("rewards/margins", float("nan")) for h in history],
+        pairs_seen=int(trainer.state.global_step) * settings.batch_size,
+    )

@@ -35,7 +35,10 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         table.add_column(column)
     for row in rows:
         table.add_row(*(_cell(v) for v in row))
-    Console(stderr=True).print(table)
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # logs and CI: don't squeeze group names
+    console.print(table)
 
 
 def emit_result(name: str, figures: Mapping[str, Any]) -> None:

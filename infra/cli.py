@@ -319,7 +319,8 @@ def demo(
 
 # ---------------------------------------------------------------------- bench
 
-BENCHMARKS: dict[str, str] = {"streams": "bench.streams", "grouping": "bench.grouping", "freshness": "bench.freshness", "feature-read": "bench.feature_read", "pretrain": "bench.pretrain"}
+BENCHMARKS: dict[str, str] = {"streams": "bench.streams", "grouping": "bench.grouping", "freshness": "bench.freshness", "feature-read": "bench.feature_read", "pretrain": "bench.pretrain",
+              "alignment": "bench.alignment"}
 """Benchmark name -> module under ``bench/`` exposing ``run(BenchOptions) -> dict``."""
 
 

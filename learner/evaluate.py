@@ -67,7 +67,7 @@ class CreativeChoice:
 
 def choose_creative(
     gmllm: GMLLM,
-    group: GroupFeatures,
+    group: GroupFeatures | str,
     product: ProductRecord,
     settings: GenerationSettings,
     seed: int = 0,

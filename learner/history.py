@@ -24,6 +24,7 @@ class RoundRecord:
     decision: str
     version: int | None
     reference_version: int | None
+    training: dict[str, Any] = field(default_factory=dict)
     finished_at: float = field(default_factory=time.time)
 
 

@@ -289,10 +289,19 @@ class GMLLM:
         return out
 
     def copy(self) -> GMLLM:
-        """An independent copy of the weights (the processor is shared: it is not trained)."""
+        """An independent copy of the weights (the processor is shared: it is not trained).
+
+        Built from the config and the state dict rather than ``deepcopy``: a
+        model a trainer has prepared carries a wrapped ``forward`` bound to the
+        original module, which a deep copy would keep calling.
+        """
         import copy as _copy
 
-        return GMLLM(_copy.deepcopy(self.model), self.processor, dict(self.info))
+        clone = type(self.model)(self.model.config)
+        clone.load_state_dict(self.model.state_dict())
+        clone.generation_config = _copy.deepcopy(self.model.generation_config)
+        clone.eval()
+        return GMLLM(clone, self.processor, dict(self.info))
 
     def answer_logits(self, sequences: list[list[int]], pixels: torch.Tensor | None) -> torch.Tensor:
         """Next-token logits after each (right-padded) input sequence, ``(batch, vocab)``."""

@@ -1,0 +1,148 @@
+"""One learner round: fresh pairs → Group-DPO from the published version → gate → publish or keep → history.
+
+:func:`run_round` is what ``osmf learner run`` does each time its trigger
+fires (and what tests and benchmarks call directly):
+
+1. split the replay buffer into training and held-out pairs (a pair's side is
+   fixed by a hash of its identity);
+2. copy the incumbent (the published version, also the frozen DPO
+   reference) and fit it with Group-DPO on the training pairs, weighted by
+   group and recency (:func:`learner.dpo.train.fit_group_dpo`);
+3. measure candidate and incumbent per group (:mod:`learner.dpo.heldout`:
+   preference accuracy and mean margin on held-out pairs; simulated CTR of
+   the served creative when a ``served_ctr`` judge is given);
+4. promote only if the gate passes (:func:`learner.gate.decide`): the
+   candidate is saved as an artifact and published atomically as the next
+   version (:func:`learner.publish.publish_version`, verified by its manifest);
+5. append a :class:`learner.history.RoundRecord` to the history log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from infra.settings import LearnerSettings
+from learner.buffer import PairBuffer
+from learner.data import ProductRecord
+from learner.dpo.heldout import heldout_figures
+from learner.dpo.train import fit_group_dpo
+from learner.gate import GateConfig, GateDecision, GroupFigures, decide
+from learner.group_features import GroupFeatures
+from learner.history import RoundRecord, append_round
+from learner.model.artifact import verify_artifact
+from learner.model.gmllm import GMLLM
+from learner.publish import publish_version
+
+
+class ServedCTR(Protocol):
+    """Simulated CTR per group of the creatives a model serves (``one_size``: with the neutral prefix)."""
+
+    def __call__(self, gmllm: GMLLM, one_size: bool = False) -> dict[str, float]: ...
+
+
+@dataclass
+class RoundOutcome:
+    """The round's record and, when promoted, the new live model."""
+
+    record: RoundRecord
+    decision: GateDecision | None
+    promoted: GMLLM | None
+
+
+def gate_config(settings: LearnerSettings) -> GateConfig:
+    """The gate tolerances of the loop settings."""
+    loop = settings.loop
+    return GateConfig(
+        accuracy_tolerance=loop.accuracy_tolerance, ctr_tolerance=loop.ctr_tolerance, min_gain=loop.min_gain
+    )
+
+
+def with_ctr(figures: dict[str, GroupFigures], ctr: Mapping[str, float]) -> dict[str, GroupFigures]:
+    """``figures`` with each group's simulated CTR filled in (groups only the judge knows get 0 pairs, 0.5 accuracy)."""
+    out = dict(figures)
+    for group, value in ctr.items():
+        base = out.get(group, GroupFigures(group, 0, 0.5, 0.0))
+        out[group] = dataclasses.replace(base, ctr=float(value))
+    return out
+
+
+def run_round(
+    number: int,
+    buffer: PairBuffer,
+    incumbent: GMLLM,
+    incumbent_version: int | None,
+    features: Mapping[str, GroupFeatures | str],
+    products: Mapping[str, ProductRecord],
+    settings: LearnerSettings,
+    repository: Path,
+    history: Path,
+    *,
+    served_ctr: ServedCTR | None = None,
+    one_size: bool = False,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+) -> RoundOutcome:
+    """Run one round (see the module docstring); the buffer's new-pair count is reset."""
+    started = time.time()
+    loop = settings.loop
+    train, heldout = buffer.split(loop.heldout_fraction)
+    window = (min((p.ts for p in buffer.pairs()), default=0), max((p.ts for p in buffer.pairs()), default=0))
+    per_group = dict(sorted(Counter(p.group_id for p in train).items()))
+    buffer.mark_trained()
+
+    def record(decision: str, gate: dict, version: int | None, losses: list[float], training: dict) -> RoundRecord:
+        entry = RoundRecord(
+            round=number, started_at=started, data_window=window, pairs_per_group=per_group,
+            heldout_pairs=len(heldout), losses=losses, gate=gate, decision=decision, version=version,
+            reference_version=incumbent_version, training=training,
+        )
+        append_round(history, entry)
+        return entry
+
+    if not train:
+        return RoundOutcome(record("skipped: no training pairs", {}, incumbent_version, [], {}), None, None)
+    candidate = incumbent.copy()
+    fit = fit_group_dpo(
+        candidate, incumbent, train, features, products, settings.dpo,
+        one_size=one_size, pair_weights=buffer.recency_weights(train).tolist(), on_log=on_log,
+    )
+    training = {
+        "mode": "one-size" if one_size else "group", "steps": fit.steps, "pairs": fit.pairs,
+        "seconds": round(fit.seconds, 2), "samples_per_s": round(fit.samples_per_s, 2),
+        "sampled_share": fit.sampled_share, "margins": fit.margins,
+    }
+    new, old = heldout_figures(candidate, incumbent, heldout, features, products, settings.dpo.beta, one_size)
+    if served_ctr is not None:
+        new, old = with_ctr(new, served_ctr(candidate, one_size)), with_ctr(old, served_ctr(incumbent, one_size))
+    if not new:
+        gate = {"promote": False, "reason": "no held-out pairs and no simulator: nothing to judge the candidate by"}
+        return RoundOutcome(record("kept: " + gate["reason"], gate, incumbent_version, fit.losses, training),
+                            None, None)
+    decision = decide(new, old, gate_config(settings))
+    gate = dataclasses.asdict(decision)
+    if not decision.promote:
+        return RoundOutcome(record("kept: " + decision.reason, gate, incumbent_version, fit.losses, training),
+                            decision, None)
+    version = publish_candidate(candidate, repository, loop.model_name, {
+        "round": number, "reference_version": incumbent_version, "reason": decision.reason,
+        "overall": decision.overall_candidate,
+    })
+    return RoundOutcome(record("promoted", gate, version, fit.losses, training), decision, candidate)
+
+
+def publish_candidate(gmllm: GMLLM, repository: Path, model_name: str, metadata: dict) -> int:
+    """Save ``gmllm`` as an artifact and publish it as the next version; returns the version number."""
+    repository.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".candidate-", dir=repository))
+    try:
+        artifact = gmllm.save(scratch / "model", extra={"published": metadata})
+        return publish_version(artifact, repository, model_name, verify=verify_artifact, metadata=metadata).version
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -64,6 +64,7 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     from rich.progress import Progress
 
     from infra.logs import traffic_from_world
+    from infra.world.judge import group_members
     from infra.world.world import World
     from learner.evaluate import click_auc, parse_rate
     from learner.pretrain import plot_losses, pretrain
@@ -91,7 +92,7 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     auc_lr, l2 = _logistic_auc(train_log, held_cells)
 
     products_per_group = 2 if options.quick else None
-    members = _group_members(world, grouper)
+    members = group_members(world, grouper)
     ctr_rows, ctr_figures, raw, constrained, fallbacks = _creative_ctr(
         world, gmllm, features, train_log, members, settings.generation, products_per_group,
         reference=not options.quick,
@@ -158,25 +159,6 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------ CTR of prompts
 
 
-def _group_members(world: Any, grouper: Any) -> dict[str, Counter]:
-    """Per learned group, how many of its users sit in each hidden segment (``category/segment``)."""
-    members: dict[str, Counter] = {}
-    for category in world.categories:
-        for user in world.users:
-            group = grouper.assign(category, dict(user.attributes))
-            members.setdefault(group, Counter())[world.segment_of(user, category).key] += 1
-    return members
-
-
-def _group_ctr(world: Any, counts: Counter, product: Any, prompt: Any) -> float:
-    """Expected CTR of ``prompt`` on ``product`` for a group's average member (segments mixed by membership)."""
-    visual = world.features(product, prompt)
-    total = sum(counts.values())
-    return sum(
-        n * world.click_probability(world.segment(*key.split("/", 1)), visual) for key, n in counts.items()
-    ) / total
-
-
 def _creative_ctr(
     world: Any,
     gmllm: Any,
@@ -187,6 +169,7 @@ def _creative_ctr(
     products_per_group: int | None,
     reference: bool,
 ) -> tuple[list[list[Any]], dict[str, dict[str, float]], dict[float, list[Any]], list[Any], int]:
+    from infra.world.judge import group_ctr
     from learner.evaluate import choose_creative
     from streams.prompt import random_prompt
 
@@ -211,13 +194,13 @@ def _creative_ctr(
                     feats, record, n=4, seed=index, temperature=temperature, constrained=False,
                     max_new_tokens=generation.max_new_tokens,
                 ))
-            chosen.append(_group_ctr(world, counts, product, choice.prompt))
+            chosen.append(group_ctr(world, counts, product, choice.prompt))
             valid = [c.prompt for c in choice.candidates if c.prompt is not None]
-            sampled.append(float(np.mean([_group_ctr(world, counts, product, p) for p in valid])) if valid else chosen[-1])
-            rand.append(float(np.mean([_group_ctr(world, counts, product, random_prompt(rng))
+            sampled.append(float(np.mean([group_ctr(world, counts, product, p) for p in valid])) if valid else chosen[-1])
+            rand.append(float(np.mean([group_ctr(world, counts, product, random_prompt(rng))
                                        for _ in range(generation.candidates)])))
             if reference_prompts:
-                best.append(max(_group_ctr(world, counts, product, p) for p in reference_prompts))
+                best.append(max(group_ctr(world, counts, product, p) for p in reference_prompts))
         majority, share = counts.most_common(1)[0]
         figure = {"random": float(np.mean(rand)), "sampled": float(np.mean(sampled)),
                   "generated": float(np.mean(chosen))}

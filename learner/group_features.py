@@ -1,12 +1,13 @@
 """Group preference features: who is in a group and which visual creative attributes it clicks on.
 
-:func:`read_group_features` is the one place the learner reads group
-features. Until the Feast read API of ``features/`` is wired in, it derives
-them from logged traffic (:class:`learner.data.TrafficLog`): the group's share
-of its category's impressions, its CTR, the centroid of its members'
-attributes, and its CTR on each visual attribute of the creatives it was
-shown and on each product (DESIGN.md §1.2). Replacing the body of that function is the only change
-needed when the feature store lands.
+:func:`read_group_features` derives a group's features from logged traffic
+(:class:`learner.data.TrafficLog`): the group's share of its category's
+impressions, its CTR, the centroid of its members' attributes, and its CTR on
+each visual attribute of the creatives it was shown and on each product
+(DESIGN.md §1.2). :func:`store_group_features` builds
+the same features of live groups from the Feast store the stream worker feeds
+(:class:`features.read.FeatureReader`); a caller falls back to the log for
+groups the store lacks.
 
 A group is given to the G-MLLM as a compact text prefix
 (:meth:`GroupFeatures.to_text`), e.g.::
@@ -32,9 +33,12 @@ per attribute, strongest first).
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -49,6 +53,10 @@ from streams.prompt import (
     PromptError,
     parse_prompt,
 )
+
+if TYPE_CHECKING:
+    from features.read import FeatureReader
+    from features.read import GroupFeatures as StoreGroupRows
 
 ATTRIBUTE_KEYS: tuple[str, ...] = ("background", "primary", "secondary", "position", "scale", "copy", "style")
 """Visual attribute families of a creative; ``style`` counts each style word present."""
@@ -127,10 +135,7 @@ def creative_attributes(prompt_text: str) -> tuple[str, ...]:
 
 def prompt_attributes(prompt: CreativePrompt) -> tuple[str, ...]:
     """Attribute tokens of a parsed prompt (see :func:`creative_attributes`)."""
-    base = prompt.attributes()
-    tokens = [f"{key}={base[key]}" for key in ATTRIBUTE_KEYS if key != "style"]
-    tokens.extend(f"style={word}" for word in prompt.style)
-    return tuple(tokens)
+    return prompt.attribute_tokens()
 
 
 def read_group_features(traffic: TrafficLog, *, max_likes: int = 5, max_avoids: int = 3) -> dict[str, GroupFeatures]:
@@ -173,12 +178,12 @@ def read_group_features(traffic: TrafficLog, *, max_likes: int = 5, max_avoids: 
                 cell[1] += record.clicked
 
     centroids = {group: _centroid(users, traffic) for group, users in user_counts.items()}
-    category_centroid: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for group, centroid in centroids.items():
-        category = category_of[group]
-        weight = impressions[group] / category_impressions[category]
-        for key, share in centroid.items():
-            category_centroid[category][key] += weight * share
+    category_centroid: dict[str, dict[str, float]] = {
+        category: _mixed_centroid(
+            (impressions[group], centroids[group]) for group in centroids if category_of[group] == category
+        )
+        for category in category_impressions
+    }
 
     features: dict[str, GroupFeatures] = {}
     for group in sorted(impressions):
@@ -187,18 +192,13 @@ def read_group_features(traffic: TrafficLog, *, max_likes: int = 5, max_avoids: 
         lifts = _lifts(attr_counts[group], ctr)
         likes, avoids = _likes_and_avoids(lifts, max_likes, max_avoids)
         centroid = centroids[group]
-        over = sorted(
-            ((share - category_centroid[category][key], key) for key, share in centroid.items() if share >= 0.25),
-            reverse=True,
-        )
-        who = tuple(key for gain, key in over[:2] if gain > 0.05)
         features[group] = GroupFeatures(
             group_id=group,
             category=category,
             share=impressions[group] / category_impressions[category],
             impressions=impressions[group],
             clicks=clicks[group],
-            who=who,
+            who=_who(centroid, category_centroid[category]),
             centroid=dict(centroid),
             lifts=lifts,
             product_lifts=_lifts(product_counts[group], ctr),
@@ -206,6 +206,146 @@ def read_group_features(traffic: TrafficLog, *, max_likes: int = 5, max_avoids: 
             avoids=avoids,
         )
     return features
+
+
+PROBE_GAP = 16
+"""Consecutive unknown ids ``category/g<N>`` after which :func:`store_group_features` stops looking for more groups."""
+
+_GROUP_NUMBER = re.compile(r"/g(\d+)$")
+_VOCABULARY = frozenset(ATTRIBUTE_VOCABULARY)
+
+
+def store_group_features(
+    reader: FeatureReader, group_ids: Sequence[str], *, max_likes: int = 5, max_avoids: int = 3
+) -> dict[str, GroupFeatures]:
+    """Features of ``group_ids`` from the feature store, by group id; a group the store lacks is left out.
+
+    The same :class:`GroupFeatures` as :func:`read_group_features` derives from
+    a log of the same events, built from the rows the stream worker pushes
+    (``group_profile`` and ``group_creative_preferences``, see ``docs/features.md``):
+
+    * ``impressions``, ``clicks`` (so ``ctr``): the group's totals, counted
+      under the group the user had at each impression — as a log labels them;
+    * ``share``: the group's impressions over those of every group of its
+      category the store knows (retired ones included, as a log counts their
+      impressions too). The other groups are found by their ids,
+      ``category/g<N>`` counting up from 0 (ids are never reused), up to
+      :data:`PROBE_GAP` unknown ids past the highest known one;
+    * ``centroid``: the store's centroid, the share of each ``attribute=value``
+      among the group's current members weighted by their events (decayed);
+      ``who`` compares it, as :func:`read_group_features` does, with the
+      category's centroid: the groups' centroids averaged with their
+      ``weight`` (the decayed events of their current members, so the average
+      is the centroid of all the category's users);
+    * ``lifts``, ``likes``, ``avoids``: from the per-attribute impressions and
+      clicks, with the same smoothing. The worker counts the attributes of
+      :meth:`streams.prompt.CreativePrompt.attributes` under the learner's
+      names (``primary=pink``, ``scale=0.5``, ``copy=yes``…) but no ``style=``
+      words, so those never appear here; keys outside
+      :data:`ATTRIBUTE_VOCABULARY` are dropped;
+    * ``product_lifts``: empty (the store keeps no per-product counts).
+
+    Parameters
+    ----------
+    reader
+        A :class:`features.read.FeatureReader` (cached: repeated calls are cheap).
+    group_ids
+        Groups to describe (duplicates allowed).
+    max_likes, max_avoids
+        Most attribute values listed as liked / avoided in the text prefix.
+
+    Returns
+    -------
+    dict
+        Group id to :class:`GroupFeatures`, for the groups that have both rows in
+        the store (the caller falls back for the others, e.g. to a log).
+    """
+    wanted = list(dict.fromkeys(group_ids))
+    if not wanted:
+        return {}
+    rows = reader.read_group_features(wanted)
+    found = [i for i, ok in enumerate(rows.found) if ok]
+    if not found:
+        return {}
+    categories = {str(rows.category[i]) for i in found}
+    totals = {category: _store_category(reader, category, rows) for category in sorted(categories)}
+
+    features: dict[str, GroupFeatures] = {}
+    for i in found:
+        group, category = rows.group_ids[i], str(rows.category[i])
+        category_impressions, category_centroid = totals[category]
+        impressions, clicks = int(rows.impressions[i]), int(rows.clicks[i])
+        ctr = clicks / impressions if impressions else 0.0
+        lifts = _lifts(_store_attribute_counts(rows, i), ctr)
+        likes, avoids = _likes_and_avoids(lifts, max_likes, max_avoids)
+        centroid = _store_centroid(rows, i)
+        features[group] = GroupFeatures(
+            group_id=group,
+            category=category,
+            share=impressions / category_impressions if category_impressions else 0.0,
+            impressions=impressions,
+            clicks=clicks,
+            who=_who(centroid, category_centroid),
+            centroid=centroid,
+            lifts=lifts,
+            product_lifts={},
+            likes=likes,
+            avoids=avoids,
+        )
+    return features
+
+
+def _store_attribute_counts(rows: StoreGroupRows, i: int) -> dict[str, tuple[int, int]]:
+    """Group ``i``'s ``attribute=value`` -> (impressions, clicks), for the values of :data:`ATTRIBUTE_VOCABULARY`."""
+    keys, shown, clicked = rows.attribute_keys[i], rows.attribute_impressions[i], rows.attribute_clicks[i]
+    if keys is None or shown is None or clicked is None:
+        return {}
+    return {key: (int(n), int(c)) for key, n, c in zip(keys, shown, clicked) if key in _VOCABULARY}
+
+
+def _store_centroid(rows: StoreGroupRows, i: int) -> dict[str, float]:
+    keys, values = rows.centroid_keys[i], rows.centroid[i]
+    if keys is None or values is None:
+        return {}
+    return {key: float(share) for key, share in zip(keys, values)}
+
+
+def _store_category(reader: FeatureReader, category: str, rows: StoreGroupRows) -> tuple[int, dict[str, float]]:
+    """Impressions of all the category's groups in the store, and the category's centroid.
+
+    ``rows``: the groups asked for; the category's other groups are found by
+    probing ids (see :func:`store_group_features`).
+    """
+    prefix = f"{category}/g"
+    counted: set[str] = set()
+    impressions = 0
+    parts: list[tuple[float, dict[str, float]]] = []
+
+    def add(rows: StoreGroupRows) -> None:
+        nonlocal impressions
+        for i, group in enumerate(rows.group_ids):
+            own = rows.category[i] if rows.found_profile[i] else category if group.startswith(f"{category}/") else None
+            if group in counted or own != category or not (rows.found_profile[i] or rows.found_preferences[i]):
+                continue  # unknown, another category's, or seen
+            counted.add(group)
+            if rows.found_preferences[i]:
+                impressions += int(rows.impressions[i])
+            if rows.found_profile[i]:
+                parts.append((float(rows.weight[i]), _store_centroid(rows, i)))
+
+    add(rows)
+    numbers = [int(m.group(1)) for g in counted if g.startswith(prefix) and (m := _GROUP_NUMBER.search(g))]
+    last, start = max(numbers, default=-1), 0
+    while True:
+        end = last + 1 + PROBE_GAP
+        probe = reader.read_group_features([f"{prefix}{n}" for n in range(start, end)])
+        hits = [start + i for i in range(len(probe)) if probe.found_profile[i] or probe.found_preferences[i]]
+        add(probe)
+        last = max([last, *hits])
+        if last + 1 + PROBE_GAP <= end:
+            break
+        start = end
+    return impressions, _mixed_centroid(parts)
 
 
 def _centroid(users: dict[str, int], traffic: TrafficLog) -> dict[str, float]:
@@ -222,7 +362,27 @@ def _centroid(users: dict[str, int], traffic: TrafficLog) -> dict[str, float]:
     return {key: total / weight for key, total in sorted(totals.items())} if weight else {}
 
 
-def _lifts(counts: dict[str, list[int]], ctr: float) -> dict[str, float]:
+def _mixed_centroid(parts: Iterable[tuple[float, Mapping[str, float]]]) -> dict[str, float]:
+    """The centroid of a union of groups: their centroids averaged with the given (non-negative) weights."""
+    weighted = [(weight, centroid) for weight, centroid in parts if weight > 0]
+    total = sum(weight for weight, _ in weighted)
+    mixed: dict[str, float] = defaultdict(float)
+    for weight, centroid in weighted:
+        for key, share in centroid.items():
+            mixed[key] += weight / total * share
+    return dict(mixed)
+
+
+def _who(centroid: Mapping[str, float], category_centroid: Mapping[str, float]) -> tuple[str, ...]:
+    """At most two ``attribute=value`` shared by >= 25 % of the group and > 5 points more common than in its category."""
+    over = sorted(
+        ((share - category_centroid.get(key, 0.0), key) for key, share in centroid.items() if share >= 0.25),
+        reverse=True,
+    )
+    return tuple(key for gain, key in over[:2] if gain > 0.05)
+
+
+def _lifts(counts: Mapping[str, Sequence[int]], ctr: float) -> dict[str, float]:
     """Smoothed CTR of each attribute value divided by the group's CTR."""
     if ctr <= 0:
         return {token: 1.0 for token in counts}

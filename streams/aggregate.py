@@ -293,11 +293,11 @@ def _bump(row: dict[str, list[Any]], key: str, clicked: int, prompt: str | None)
 
 @lru_cache(maxsize=65536)
 def _attribute_names(prompt: str | None) -> tuple[str, ...]:
-    """``attribute=value`` names of a prompt's visual attributes (none when it has no valid prompt)."""
+    """``attribute=value`` names of a prompt's visual attributes and style words (none when it has no valid prompt)."""
     if not prompt:
         return ()
     try:
-        return tuple(f"{k}={v}" for k, v in parse_prompt(prompt).attributes().items())
+        return parse_prompt(prompt).attribute_tokens()
     except PromptError:
         return ()
 

@@ -105,6 +105,10 @@ class CreativePrompt:
             "copy": "yes" if self.copy else "none",
         }
 
+    def attribute_tokens(self) -> tuple[str, ...]:
+        """``name=value`` tokens of :meth:`attributes`, plus one ``style=word`` per style word."""
+        return tuple(f"{k}={v}" for k, v in self.attributes().items()) + tuple(f"style={w}" for w in self.style)
+
 
 def parse_prompt(text: str) -> CreativePrompt:
     """Parse the canonical text form; raise :class:`PromptError` naming the bad field."""

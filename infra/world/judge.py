@@ -18,6 +18,7 @@ import random
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,6 +33,9 @@ from learner.model.gmllm import GMLLM
 from streams.grouping import ProductAwareGrouper
 from streams.prompt import CreativePrompt, random_prompt
 
+if TYPE_CHECKING:
+    from features.read import FeatureReader
+
 
 def group_members(world: World, grouper: ProductAwareGrouper) -> dict[str, Counter]:
     """Per learned group, how many of its users sit in each hidden segment (``category/segment``)."""
@@ -40,6 +44,18 @@ def group_members(world: World, grouper: ProductAwareGrouper) -> dict[str, Count
         for user in world.users:
             group = grouper.assign(category, dict(user.attributes))
             members.setdefault(group, Counter())[world.segment_of(user, category).key] += 1
+    return members
+
+
+def store_group_members(world: World, reader: FeatureReader) -> dict[str, Counter]:
+    """:func:`group_members` for the groups the feature store serves: each world user's group per category
+    from ``reader.resolve_groups`` (the worker's ``user_group`` view); users the store has no group for are skipped."""
+    members: dict[str, Counter] = {}
+    user_ids = [user.id for user in world.users]
+    for category in world.categories:
+        for user, group in zip(world.users, reader.resolve_groups(user_ids, category)):
+            if group is not None:
+                members.setdefault(group, Counter())[world.segment_of(user, category).key] += 1
     return members
 
 

@@ -320,7 +320,7 @@ def demo(
 # ---------------------------------------------------------------------- bench
 
 BENCHMARKS: dict[str, str] = {"streams": "bench.streams", "grouping": "bench.grouping", "freshness": "bench.freshness", "feature-read": "bench.feature_read", "pretrain": "bench.pretrain",
-              "alignment": "bench.alignment"}
+              "alignment": "bench.alignment", "group-dpo": "bench.group_dpo"}
 """Benchmark name -> module under ``bench/`` exposing ``run(BenchOptions) -> dict``."""
 
 

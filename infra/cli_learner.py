@@ -1,4 +1,4 @@
-"""``osmf learner``: pre-train the G-MLLM on logged traffic and sample creatives from it.
+"""``osmf learner``: pre-train the G-MLLM on logged traffic, sample creatives from it, run the learner loop.
 
 Heavy libraries (torch, transformers) are imported inside the commands so
 ``osmf --help`` stays instant.
@@ -35,7 +35,8 @@ def friendly_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 learner_app = typer.Typer(
-    help="The G-MLLM: pre-training on logged traffic (four tasks), sampling creative prompts.",
+    help="The G-MLLM: pre-training on logged traffic (four tasks), sampling creative prompts, the learner loop "
+    "(Group-DPO on streamed preference pairs, gate, publish).",
     no_args_is_help=True,
 )
 
@@ -319,6 +320,414 @@ def generate_command(
         for generation in made:
             mark = "" if generation.valid else "   (does not parse)"
             typer.echo(f"{gid}\t{pid}\t{generation.text}{mark}")
+
+
+RUN_HELP = """Run the learner loop: follow the preference-pairs topic, train when enough new pairs (or time) have
+accumulated, gate each candidate against the live version, publish it atomically as the next version.
+
+The pairs topic is re-read from its first offset at every start (the replay buffer deduplicates, so a restart
+loses nothing). Without a published version in the repository, --base is published as version 1 first.
+Malformed pair messages go to the dead-letter topic with the reason; pairs of unknown products or of groups
+without features are skipped and counted. Ctrl-C (or SIGTERM) stops after the round in progress; a second
+Ctrl-C aborts it, and an aborted round publishes nothing."""
+
+
+@learner_app.command("run", help=RUN_HELP)
+@friendly_errors
+def run_command(
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            help="Initial model, published as version 1 when the repository has none: a pre-training run "
+            "directory (model/ + traffic/, from `osmf learner pretrain`) or a model artifact directory. "
+            "Once versions are published it only supplies the catalogue (its traffic/). "
+            "Default: the default pre-training run, if it exists.",
+        ),
+    ] = None,
+    traffic: Annotated[
+        Path | None,
+        typer.Option(
+            help="Traffic log directory: the product catalogue (with images) and the group features used when the "
+            "feature store has none. Default: traffic/ of the --base run (or beside the model directory)."
+        ),
+    ] = None,
+    world: Annotated[
+        Path | None,
+        typer.Option(
+            "--world", "-w",
+            help="Also judge each candidate by the simulated CTR per group of the creatives it serves in this world "
+            "(schema: docs/world.md); the gate then uses it. Default: no simulated CTR.",
+        ),
+    ] = None,
+    once: Annotated[
+        bool,
+        typer.Option("--once", help="Read what the pairs topic holds, run at most one round (if any pair is new), "
+                     "print the summary and exit (for cron jobs and tests)."),
+    ] = False,
+    one_size: Annotated[
+        bool,
+        typer.Option("--one-size", help="Baseline: one-size-fits-all DPO (pairs pooled under a neutral prefix, "
+                     "uniform weights, no group features)."),
+    ] = False,
+    min_new_pairs: Annotated[
+        int | None,
+        typer.Option(help="Train once this many new pairs have arrived (default: settings, "
+                     "learner.loop.min_new_pairs).", min=1),
+    ] = None,
+    max_wait_s: Annotated[
+        float | None,
+        typer.Option(help="... or once this many seconds have passed since the last round with at least one new "
+                     "pair (default: settings, learner.loop.max_wait_s).", min=0.001),
+    ] = None,
+    repository: Annotated[
+        Path | None,
+        typer.Option(help="Model repository: versions go to <repository>/<model name>/<n>/ with LATEST.json "
+                     "(default: settings, learner.loop.model_repository, else <data_dir>/models)."),
+    ] = None,
+    history: Annotated[
+        Path | None,
+        typer.Option(help="Round log (one JSON object per round; the dashboard reads it). "
+                     "Default: <repository>/<model name>/rounds.jsonl."),
+    ] = None,
+    max_rounds: Annotated[
+        int | None, typer.Option(help="Stop after this many rounds (default: run until stopped).", min=1)
+    ] = None,
+    idle_exit_s: Annotated[
+        float | None,
+        typer.Option(help="Exit after this many seconds without a new pair while no round is due "
+                     "(default: run until stopped).", min=0.001),
+    ] = None,
+) -> None:
+    from infra.settings import ConfigError, LearnerSettings, describe_validation_error
+    from learner.loop import history_path
+
+    settings = _settings_or_exit()
+    data = settings.learner.model_dump()
+    data["loop"].update({k: v for k, v in {"min_new_pairs": min_new_pairs, "max_wait_s": max_wait_s}.items()
+                         if v is not None})
+    from pydantic import ValidationError
+
+    try:
+        learner = LearnerSettings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source="options")) from None
+    repo = repository or learner.loop.model_repository or settings.data_dir / "models"
+    log_file = history or history_path(repo, learner.loop.model_name)
+    _use_threads(learner.threads)
+    bootstrap = _broker_or_exit(settings)
+    raise typer.Exit(_run_learner(settings, learner, bootstrap, repo, log_file, base=base, traffic=traffic,
+                                  world=world, once=once, one_size=one_size, max_rounds=max_rounds,
+                                  idle_exit_s=idle_exit_s))
+
+
+def _broker_or_exit(settings: Any) -> str:
+    """The bootstrap address of a broker that answers, with the product's topics created."""
+    from streams.kafka import ensure_topics, kafka_reachable
+
+    bootstrap = settings.bootstrap_servers
+    if not kafka_reachable(bootstrap):
+        typer.echo(f"error: no Kafka broker answers at {bootstrap}; start the embedded one with `osmf broker start` "
+                   "or set OSMF_KAFKA_BOOTSTRAP to your cluster", err=True)
+        raise typer.Exit(2)
+    ensure_topics(bootstrap, settings.topics.all_names(), settings.topics.partitions)
+    return bootstrap
+
+
+def _base_paths(settings: Any, base: Path | None, traffic: Path | None) -> tuple[Path | None, Path | None]:
+    """(model artifact directory or None, traffic log directory or None) from --base / --traffic / the defaults."""
+    from learner.model.artifact import MANIFEST, ArtifactError
+
+    default_run = settings.learner.output_dir or settings.data_dir / "learner" / "pretrain"
+    root = base
+    if root is None and (default_run / "model" / MANIFEST).is_file():
+        root = default_run
+    model = None
+    if root is not None:
+        if (root / MANIFEST).is_file():
+            model = root
+        elif (root / "model" / MANIFEST).is_file():
+            model = root / "model"
+        elif root.is_dir():
+            raise ArtifactError(f"--base {root}: neither a model artifact (no {MANIFEST}) nor a pre-training run "
+                                "(no model/); give the directory `osmf learner pretrain` wrote")
+        else:
+            raise ArtifactError(f"--base {root}: no such directory; give a pre-training run or a model artifact")
+    if traffic is None and model is not None:
+        for candidate in (model.parent / "traffic", model / "traffic"):
+            if (candidate / "log.json").is_file():
+                traffic = candidate
+                break
+    if traffic is None and (default_run / "traffic" / "log.json").is_file():
+        traffic = default_run / "traffic"
+    return model, traffic
+
+
+def _incumbent(repo: Path, name: str, base_model: Path | None, echo: Callable[[str], None]) -> tuple[Any, int]:
+    """The latest published version, loaded; the base model is published as version 1 first when there is none."""
+    from learner.model.artifact import ArtifactError, verify_artifact
+    from learner.model.gmllm import GMLLM
+    from learner.publish import latest_version, publish_version
+
+    version = latest_version(repo, name)
+    if version is not None:
+        gmllm = GMLLM.load(repo / name / str(version))
+        note = f" (the base {base_model} is not republished; it only supplies the catalogue)" if base_model else ""
+        echo(f"incumbent: version {version} of {repo / name}{note}")
+        return gmllm, version
+    if base_model is None:
+        raise ArtifactError(f"no published version in {repo / name} and no base model to publish as version 1")
+    gmllm = GMLLM.load(base_model)
+    published = publish_version(base_model, repo, name, verify=verify_artifact,
+                                metadata={"round": 0, "initial": True, "source": str(base_model)})
+    echo(f"incumbent: version {published.version} of {repo / name}, published from {base_model}")
+    return gmllm, published.version
+
+
+def _traffic_members(world: Any, traffic: Any) -> dict[str, Any]:
+    """Per group of the traffic log, how many of its users sit in each hidden segment of ``world``."""
+    from collections import Counter
+
+    users = {user.id: user for user in world.users}
+    members: dict[str, Counter] = {}
+    seen: set[tuple[str, str]] = set()
+    for record in traffic.records:
+        key = (record.group_id, record.user_id)
+        if key in seen or record.user_id not in users or record.category not in world.categories:
+            continue
+        seen.add(key)
+        segment = world.segment_of(users[record.user_id], record.category)
+        members.setdefault(record.group_id, Counter())[segment.key] += 1
+    return members
+
+
+def _world_judge(settings: Any, learner: Any, path: Path, traffic: Any, features_for: Any,
+                 echo: Callable[[str], None]) -> Any:
+    """``judge_for(features)`` of the loop: a :class:`infra.world.judge.WorldCTR` over the world's groups."""
+    from infra.cli import _load_world
+    from infra.world.judge import WorldCTR
+
+    world = _load_world(path)
+    members = None
+    if settings.features.enabled:
+        from features.store import is_applied
+
+        if is_applied(settings):  # members of the live groups, through the store's user -> group view
+            from features.read import FeatureReader
+            from infra.world.judge import store_group_members
+
+            members = store_group_members(world, FeatureReader(settings)) or None
+    source = "the feature store"
+    if members is None:
+        members, source = _traffic_members(world, traffic), "the base run's traffic log"
+    if not members:
+        typer.echo(f"error: --world {path}: none of the traffic log's users live in this world; give the world the "
+                   "base run was simulated from", err=True)
+        raise typer.Exit(2)
+    echo(f"simulated CTR: world {world.name}, {len(members)} groups (members from {source})")
+    products = traffic.products
+
+    def judge_for(features: Any) -> Any:
+        judged = {**features_for(sorted(members)), **features}
+        return WorldCTR(world, members, judged, products, learner.generation, learner.loop.ctr_products_per_group)
+
+    return judge_for
+
+
+MALFORMED_SHOWN = 10
+"""Malformed pair messages printed (with the reason) per run; the summary counts them all."""
+
+
+def _run_learner(settings: Any, learner: Any, bootstrap: str, repo: Path, log_file: Path, *, base: Path | None,
+                 traffic: Path | None, world: Path | None, once: bool, one_size: bool, max_rounds: int | None,
+                 idle_exit_s: float | None) -> int:
+    """The loop behind ``osmf learner run``; returns the exit status."""
+    import signal
+
+    from rich.console import Console
+
+    from learner.data import TrafficError, TrafficLog
+    from learner.group_features import read_group_features
+    from learner.loop import NEW, LearnerLoop, group_feature_source
+    from learner.publish import latest_version
+    from streams.events import EventError
+    from streams.kafka import TopicFollower, consume_all, produce_raw
+    from streams.messages import DeadLetter, parse_dead_letter, parse_pair, to_bytes
+
+    status = Console(stderr=True)
+
+    def echo(text: str) -> None:
+        typer.echo(f"learner: {text}")
+
+    base_model, traffic_dir = _base_paths(settings, base, traffic)
+    name = learner.loop.model_name
+    if base_model is None and latest_version(repo, name) is None:
+        typer.echo(f"error: no published version in {repo / name} and no --base; give --base with a pre-training run "
+                   "(`osmf learner pretrain` writes one) or a model artifact to start from", err=True)
+        return 2
+    if traffic_dir is None:
+        typer.echo("error: no product catalogue; give --traffic with a traffic log directory "
+                   "(e.g. the traffic/ of `osmf learner pretrain`) or --base with a pre-training run", err=True)
+        return 2
+    try:
+        traffic_log = TrafficLog.load(traffic_dir)
+    except TrafficError as exc:
+        typer.echo(f"error: --traffic: {exc}", err=True)
+        return 2
+    incumbent, version = _incumbent(repo, name, base_model, echo)
+    fallback = read_group_features(traffic_log)
+    features_for, feature_source = group_feature_source(settings, fallback)
+    echo(f"catalogue: {len(traffic_log.products)} products from {traffic_dir}; group features: {feature_source} "
+         f"({len(fallback)} groups in the traffic log)" + ("; one-size baseline" if one_size else ""))
+    judge = _world_judge(settings, learner, world, traffic_log, features_for, echo) if world else None
+    loop = LearnerLoop(incumbent, version, traffic_log.products, features_for, learner, repo, log_file,
+                       judge=judge, one_size=one_size)
+    if loop.next_round > 1:
+        echo(f"history: {loop.next_round - 1} rounds logged in {log_file}; this run starts at round {loop.next_round}")
+
+    topic, dead_topic = settings.topics.preference_pairs, settings.topics.dead_letter
+    already_dead = {
+        (letter.partition, letter.offset)
+        for letter in (_letter_or_none(parse_dead_letter, r.value) for r in consume_all(bootstrap, [dead_topic]))
+        if letter is not None and letter.source_topic == topic
+    }
+    malformed = {"count": 0, "sent": 0, "shown": 0}
+
+    def take(records: list[Any]) -> int:
+        letters, new = [], 0
+        for record in records:
+            try:
+                pair = parse_pair(record.value)
+            except EventError as exc:
+                malformed["count"] += 1
+                if (record.partition, record.offset) not in already_dead:
+                    malformed["shown"] += 1
+                    if malformed["shown"] <= MALFORMED_SHOWN:
+                        status.print(f"malformed pair at {record.topic}[{record.partition}]@{record.offset}: {exc} "
+                                     f"-> {dead_topic}", markup=False, highlight=False, soft_wrap=True)
+                    letter = DeadLetter.from_error(exc, record.value, source_topic=record.topic,
+                                                   partition=record.partition, offset=record.offset,
+                                                   ts=int(time.time() * 1000))
+                    letters.append((record.key, to_bytes(letter)))
+                continue
+            new += loop.offer(pair) == NEW
+        if letters:
+            malformed["sent"] += produce_raw(bootstrap, dead_topic, letters)
+        return new
+
+    stop = {"requested": False, "in_round": False}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop["requested"] and stop["in_round"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        if stop["in_round"]:
+            status.print("stopping after the round in progress (Ctrl-C again aborts it; an aborted round "
+                         "publishes nothing)", soft_wrap=True)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread (e.g. embedded in another program): no handlers
+            pass
+
+    def one_round() -> None:
+        stop["in_round"] = True
+        with status.status(f"round {loop.next_round}: training on {len(loop.buffer)} pairs") as spinner:
+            def on_log(step: int, figures: dict[str, float]) -> None:
+                spinner.update(f"round {loop.next_round}: step {step}, loss {figures.get('loss', float('nan')):.3f}")
+
+            summary = loop.train_round(on_log=on_log)
+        stop["in_round"] = False
+        left = f"; {summary.unknown_group_pairs} pairs of groups without features left out" \
+            if summary.unknown_group_pairs else ""
+        typer.echo(f"round {summary.number}: {summary.train_pairs} train + {summary.heldout_pairs} held-out pairs "
+                   f"in {summary.groups} groups, {summary.steps} steps, {summary.seconds:.1f} s -> "
+                   f"{summary.decision}; live version {loop.version}{left}")
+
+    code = 0
+    echo(f"reading {topic} from the beginning at {bootstrap}")
+    try:
+        with TopicFollower(bootstrap, [topic]) as follower:
+            replaying, idle_since = True, time.monotonic()
+            with status.status("reading the pairs topic") as spinner:
+                while not stop["requested"]:
+                    if take(follower.poll(timeout_s=0.5)):
+                        idle_since = time.monotonic()
+                    if replaying:
+                        if not follower.caught_up:
+                            continue
+                        replaying = False
+                        still_new = loop.replayed()
+                        c = loop.counts
+                        echo(f"read {c.offered} pairs from {topic} ({c.duplicates} duplicates, {malformed['count']} "
+                             f"malformed, {c.unknown_product} of unknown products); {len(loop.buffer)} in the "
+                             f"buffer, {still_new} new since the last round")
+                        if once:
+                            break
+                    now = time.monotonic()
+                    if loop.due(now):
+                        spinner.stop()
+                        one_round()
+                        spinner.start()
+                        idle_since = time.monotonic()
+                        if max_rounds is not None and len(loop.rounds) >= max_rounds:
+                            break
+                    elif idle_exit_s is not None and now - idle_since >= idle_exit_s:
+                        echo(f"no new pair for {idle_exit_s:g} s; exiting")
+                        break
+                    spinner.update(f"waiting: {loop.buffer.new_pairs}/{loop.trigger.min_new_pairs} new pairs, "
+                                   f"or one and {loop.seconds_to_wait(now):.0f} s")
+        if once and not stop["requested"] and loop.buffer.new_pairs > 0:
+            one_round()
+        elif once and not stop["requested"]:
+            echo("no new pairs; no round run")
+    except KeyboardInterrupt:
+        stop["in_round"] = False
+        typer.echo(f"round {loop.next_round} aborted: nothing was published; live version {loop.version}", err=True)
+        code = 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    _print_run_summary(loop, malformed, topic, dead_topic)
+    return code
+
+
+def _letter_or_none(parse: Callable[[bytes], Any], value: bytes) -> Any:
+    from streams.events import EventError
+
+    try:
+        return parse(value)
+    except EventError:
+        return None
+
+
+def _print_run_summary(loop: Any, malformed: dict[str, int], topic: str, dead_topic: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(120, Console().width))
+    if loop.rounds:
+        table = Table(title=f"learner rounds (live version {loop.version})")
+        for column in ("round", "train pairs", "held-out", "groups", "steps", "seconds", "decision", "version"):
+            table.add_column(column, justify="left" if column == "decision" else "right")
+        for r in loop.rounds:
+            table.add_row(str(r.number), str(r.train_pairs), str(r.heldout_pairs), str(r.groups), str(r.steps),
+                          f"{r.seconds:.1f}", r.decision, str(r.version))
+        console.print(table)
+    c = loop.counts
+    lines = [f"pairs read from {topic}: {c.offered} ({c.new} kept as new, {c.duplicates} duplicates)",
+             f"malformed messages: {malformed['count']} ({malformed['sent']} sent to {dead_topic}, "
+             f"{malformed['count'] - malformed['sent']} already there)"]
+    if c.unknown_product:
+        shown = ", ".join(f"{p} ({n})" for p, n in c.unknown_product_ids.most_common(5))
+        lines.append(f"skipped, product not in the catalogue: {c.unknown_product} ({shown})")
+    if c.unknown_group:
+        shown = ", ".join(f"{g} ({n})" for g, n in c.unknown_group_ids.most_common(5))
+        lines.append(f"left out of the last round, group without features: {c.unknown_group} ({shown})")
+    lines.append(f"rounds run: {len(loop.rounds)}; live version {loop.version}; history: {loop.history}")
+    for line in lines:
+        typer.echo(line)
 
 
 def _use_threads(count: int) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
@@ -278,6 +279,137 @@ async def _consume_all(bootstrap: str, topics: list[str], timeout_s: float) -> l
         await consumer.stop()
     order = sorted(records, key=lambda tp: (topics.index(tp.topic), tp.partition))
     return [r for tp in order for r in records[tp] if r.offset < ends[tp]]
+
+
+# --------------------------------------------------------------------------- follow
+
+
+class TopicFollower:
+    """Read topics from their earliest offset onwards and keep following them (synchronous, no consumer group).
+
+    Every partition of ``topics`` that exists at start is read from offset 0;
+    :meth:`poll` returns the records that arrived since the last call and
+    :attr:`caught_up` turns True once each partition has reached the
+    high-watermark of its first fetch (what the topic held at start; the same
+    Tansu-safe end as :func:`consume_all`). Partitions added later are not
+    followed. aiokafka runs on a private event loop in a daemon thread, so the
+    caller may block (e.g. train a model) while records keep being fetched.
+    Use it as a context manager, or call :meth:`close`.
+
+    Raises :class:`KafkaIOError` when the broker cannot be reached, a topic is
+    missing, or a fetch fails.
+    """
+
+    def __init__(self, bootstrap: str, topics: list[str], timeout_s: float = 30.0) -> None:
+        self.bootstrap = bootstrap
+        self.topics = list(dict.fromkeys(topics))
+        self.caught_up = False
+        self._ends: dict[TopicPartition, int] = {}
+        self._done: set[TopicPartition] = set()
+        self._tps: list[TopicPartition] = []
+        self._consumer: AIOKafkaConsumer | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="osmf-topic-follower", daemon=True)
+        self._thread.start()
+        try:
+            self._call(self._start(), timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def poll(self, timeout_s: float = 1.0, max_records: int = 10_000) -> list[ConsumedRecord]:
+        """Records fetched since the last call (at most ``max_records``), waiting up to ``timeout_s`` for some."""
+        return self._call(self._poll(timeout_s, max_records), timeout_s + 30.0)
+
+    def close(self) -> None:
+        """Stop the consumer and its event loop (idempotent)."""
+        if self._loop.is_closed():
+            return
+        if self._consumer is not None and self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._consumer.stop(), self._loop).result(10)
+        self._consumer = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def __enter__(self) -> TopicFollower:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise KafkaIOError(
+                f"no answer from {self.bootstrap} within {timeout_s:g}s while reading {self.topics}; "
+                "check the broker with `osmf broker status`"
+            ) from None
+
+    async def _start(self) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=100,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+        )
+        try:
+            with _quiet_connect_errors():
+                await consumer.start()
+            existing = await consumer.topics()
+        except _ClientError as exc:
+            await consumer.stop()
+            raise KafkaIOError(
+                f"cannot read {self.topics} from {self.bootstrap}: {exc}; start a broker with `osmf broker start` "
+                "or fix OSMF_KAFKA_BOOTSTRAP"
+            ) from None
+        missing = [t for t in self.topics if t not in existing]
+        if missing:
+            await consumer.stop()
+            raise KafkaIOError(
+                f"topic(s) {', '.join(missing)} do not exist at {self.bootstrap}; create them with "
+                "`osmf broker start` (it creates the product's topics) or fix the topic settings"
+            )
+        self._tps = [TopicPartition(t, p) for t in self.topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+        consumer.assign(self._tps)
+        await consumer.seek_to_beginning(*self._tps)
+        self._consumer = consumer
+        self.caught_up = not self._tps
+
+    async def _poll(self, timeout_s: float, max_records: int) -> list[ConsumedRecord]:
+        consumer = self._consumer
+        if consumer is None:
+            raise KafkaIOError("this TopicFollower is closed; make a new one")
+        try:
+            batch = await consumer.getmany(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+            records = [
+                ConsumedRecord(r.topic, r.partition, r.offset, r.key, r.value or b"")
+                for tp in sorted(batch, key=lambda tp: (self.topics.index(tp.topic), tp.partition))
+                for r in batch[tp]
+            ]
+            if not self.caught_up:
+                for tp in self._tps:
+                    if tp in self._done:
+                        continue
+                    highwater = consumer.highwater(tp)
+                    if highwater is None:
+                        continue
+                    if await consumer.position(tp) >= self._ends.setdefault(tp, highwater):
+                        self._done.add(tp)
+                self.caught_up = len(self._done) == len(self._tps)
+        except _ClientError as exc:
+            raise KafkaIOError(
+                f"reading {self.topics} from {self.bootstrap} failed: {exc}; check the broker with `osmf broker status`"
+            ) from None
+        return records
 
 
 # --------------------------------------------------------------------------- running coroutines

@@ -1,0 +1,283 @@
+"""The learner loop: preference pairs in, a new model version out when it is better.
+
+:class:`LearnerLoop` is the state behind ``osmf learner run`` with the Kafka
+consumer left out (the command feeds it; tests call it directly):
+
+- a bounded replay buffer (:class:`learner.buffer.PairBuffer`: deduplicated,
+  recency-weighted) that :meth:`LearnerLoop.offer` fills; pairs of a product
+  the catalogue does not know are skipped and counted;
+- the trigger (:meth:`LearnerLoop.due`): ``min_new_pairs`` new pairs, or
+  ``max_wait_s`` since the last round with at least one;
+- the incumbent: the latest published version, which each round fine-tunes
+  and gates against (:meth:`LearnerLoop.train_round`, one
+  :func:`learner.round.run_round`); a promoted candidate becomes the incumbent;
+- the round counter, continued from the history log, so a restarted learner
+  numbers on. After a restart the pairs topic is re-read from the start:
+  :meth:`LearnerLoop.replayed` then stops counting as new the pairs the last
+  logged round already saw.
+
+Group features come from one callable, ``features_for(group_ids)``
+(:func:`group_feature_source`: the Feast online store when it is enabled and
+applied, else the base run's traffic log); pairs of a group without features
+stay in the buffer but are left out of the round, and counted.
+
+>>> from learner.buffer import PairBuffer
+>>> def pair(i, product="p1"):
+...     return PreferencePair(pair_id=str(i), ts=i, group_id="mugs/g0", category="mugs", product_id=product,
+...         winner_creative_id=f"w{i}", loser_creative_id="l", winner_prompt="a", loser_prompt="b",
+...         winner_impressions=100, winner_clicks=9, loser_impressions=100, loser_clicks=1,
+...         winner_ctr=0.09, loser_ctr=0.01, prob_winner_better=0.99, evidence_level=0)
+>>> loop = LearnerLoop(None, 0, {"p1": None}, dict, LearnerSettings(loop={"min_new_pairs": 2}),
+...                    Path("/nonexistent"), Path("/nonexistent/rounds.jsonl"), started_at=0.0)
+>>> [loop.offer(pair(1)), loop.offer(pair(1)), loop.offer(pair(2, "p9"))]
+['new', 'duplicate', 'unknown product']
+>>> loop.due(now=1.0), loop.offer(pair(3)), loop.due(now=1.0)
+(False, 'new', True)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.settings import LearnerSettings, Settings
+from learner.buffer import PairBuffer, TrainingTrigger
+from learner.data import ProductRecord
+from learner.group_features import GroupFeatures
+from learner.history import read_rounds
+from learner.model.gmllm import GMLLM
+from learner.round import RoundOutcome, ServedCTR, run_round
+from streams.messages import PreferencePair
+
+log = logging.getLogger(__name__)
+
+FeaturesFor = Callable[[Sequence[str]], Mapping[str, GroupFeatures | str]]
+"""``features_for(group_ids)``: features of those groups that have any (unknown groups are left out)."""
+
+JudgeFor = Callable[[Mapping[str, GroupFeatures | str]], ServedCTR | None]
+"""Builds a round's ``served_ctr`` judge from the round's group features (e.g. a simulated world)."""
+
+NEW, DUPLICATE, UNKNOWN_PRODUCT = "new", "duplicate", "unknown product"
+"""What :meth:`LearnerLoop.offer` did with a pair."""
+
+HISTORY_FILE = "rounds.jsonl"
+
+
+def history_path(repository: Path, model_name: str) -> Path:
+    """Default round log: ``<repo>/<model>/rounds.jsonl`` (beside ``LATEST.json``; not a version directory)."""
+    return repository / model_name / HISTORY_FILE
+
+
+@dataclass
+class LoopCounts:
+    """What the loop has been offered and left out, since it started."""
+
+    offered: int = 0
+    new: int = 0
+    duplicates: int = 0
+    unknown_product: int = 0
+    unknown_product_ids: Counter = field(default_factory=Counter)
+    unknown_group: int = 0
+    """Pairs left out of the last round because their group has no features."""
+    unknown_group_ids: Counter = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    """One round as the command reports it (the full record is in the history log)."""
+
+    number: int
+    train_pairs: int
+    heldout_pairs: int
+    groups: int
+    steps: int
+    seconds: float
+    decision: str
+    version: int | None
+    unknown_group_pairs: int
+    outcome: RoundOutcome = field(repr=False, compare=False)
+
+
+class LearnerLoop:
+    """Buffer, trigger, incumbent and round counter of the learner (see the module docstring).
+
+    Parameters
+    ----------
+    incumbent, version
+        The live model (the latest published version) and its version number.
+    products
+        The product catalogue: pairs of other products are skipped.
+    features_for
+        Group features by id (:data:`FeaturesFor`), read at each round.
+    settings
+        ``settings.loop`` gives trigger, buffer and gate; ``settings.dpo`` the fit.
+    repository, history
+        Where promoted versions are published, and the round log.
+    judge
+        Optional :data:`JudgeFor`: simulated CTR per group in the gate.
+    one_size
+        The one-size-fits-all baseline (pairs pooled under a neutral prefix).
+    started_at
+        Clock reading (seconds, any monotonic clock) the wait for the first round counts from.
+    """
+
+    def __init__(
+        self,
+        incumbent: GMLLM | None,
+        version: int | None,
+        products: Mapping[str, ProductRecord],
+        features_for: FeaturesFor,
+        settings: LearnerSettings,
+        repository: Path,
+        history: Path,
+        *,
+        judge: JudgeFor | None = None,
+        one_size: bool = False,
+        started_at: float | None = None,
+    ) -> None:
+        loop = settings.loop
+        self.incumbent = incumbent
+        self.version = version
+        self.products = products
+        self.features_for = features_for
+        self.settings = settings
+        self.repository = repository
+        self.history = history
+        self.judge = judge
+        self.one_size = one_size
+        self.buffer = PairBuffer(loop.buffer_capacity, loop.half_life_s)
+        self.trigger = TrainingTrigger(loop.min_new_pairs, loop.max_wait_s)
+        self.counts = LoopCounts()
+        self.last_round_at = time.monotonic() if started_at is None else started_at
+        logged = read_rounds(history)
+        self.next_round = 1 + max((int(r.get("round", 0)) for r in logged), default=0)
+        self.seen_until = max((int(r.get("data_window", (0, 0))[1]) for r in logged), default=0)
+        self.rounds: list[RoundSummary] = []
+
+    def offer(self, pair: PreferencePair) -> str:
+        """Take one pair: :data:`NEW` (kept), :data:`DUPLICATE` (already held) or :data:`UNKNOWN_PRODUCT` (skipped)."""
+        self.counts.offered += 1
+        if pair.product_id not in self.products:
+            self.counts.unknown_product += 1
+            self.counts.unknown_product_ids[pair.product_id] += 1
+            return UNKNOWN_PRODUCT
+        if not self.buffer.add(pair):
+            self.counts.duplicates += 1
+            return DUPLICATE
+        self.counts.new += 1
+        return NEW
+
+    def replayed(self) -> int:
+        """Call once the topic has been re-read to where it stood at start; returns the pairs still new.
+
+        Pairs no newer than the data window of the last logged round were
+        trained on before the restart and stop counting towards the trigger.
+        """
+        if self.seen_until:
+            self.buffer.new_pairs = sum(p.ts > self.seen_until for p in self.buffer.pairs())
+        return self.buffer.new_pairs
+
+    def due(self, now: float) -> bool:
+        """Whether the trigger fires at clock reading ``now`` (same clock as ``started_at``)."""
+        return self.buffer.should_train(self.trigger, now - self.last_round_at)
+
+    def seconds_to_wait(self, now: float) -> float:
+        """Seconds until the time trigger fires (it also needs one new pair)."""
+        return max(0.0, self.trigger.max_wait_s - (now - self.last_round_at))
+
+    def train_round(
+        self, now: float | None = None, on_log: Callable[[int, dict[str, float]], None] | None = None
+    ) -> RoundSummary:
+        """Run one round on the buffer (fit, gate, publish or keep, log); a promoted candidate becomes the incumbent."""
+        if self.incumbent is None:
+            raise RuntimeError("no incumbent model: publish a base version first")
+        held = self.buffer.pairs()
+        features = dict(self.features_for(sorted({p.group_id for p in held}))) if held else {}
+        usable = PairBuffer(self.buffer.capacity, self.buffer.half_life_s)
+        left_out: Counter = Counter()
+        for pair in held:
+            if self.one_size or pair.group_id in features:
+                usable.add(pair)
+            else:
+                left_out[pair.group_id] += 1
+        self.counts.unknown_group = sum(left_out.values())
+        self.counts.unknown_group_ids = left_out
+        if left_out:
+            log.warning("round %d: %d pairs of %d groups without features left out (%s)", self.next_round,
+                        sum(left_out.values()), len(left_out), ", ".join(sorted(left_out)[:5]))
+        judge = self.judge(features) if self.judge is not None else None
+        outcome = run_round(
+            self.next_round, usable, self.incumbent, self.version, features, self.products, self.settings,
+            self.repository, self.history, served_ctr=judge, one_size=self.one_size, on_log=on_log,
+        )
+        self.buffer.mark_trained()
+        self.last_round_at = time.monotonic() if now is None else now
+        record = outcome.record
+        self.seen_until = max(self.seen_until, int(record.data_window[1]))
+        if outcome.promoted is not None:
+            self.incumbent, self.version = outcome.promoted, record.version
+        summary = RoundSummary(
+            number=record.round,
+            train_pairs=sum(record.pairs_per_group.values()),
+            heldout_pairs=record.heldout_pairs,
+            groups=len(record.pairs_per_group),
+            steps=int(record.training.get("steps", 0)),
+            seconds=round(record.finished_at - record.started_at, 1),
+            decision=record.decision,
+            version=record.version,
+            unknown_group_pairs=sum(left_out.values()),
+            outcome=outcome,
+        )
+        self.rounds.append(summary)
+        self.next_round += 1
+        return summary
+
+
+def group_feature_source(
+    settings: Settings, fallback: Mapping[str, GroupFeatures], reader: object | None = None
+) -> tuple[FeaturesFor, str]:
+    """``features_for(group_ids)`` and a description of where features come from.
+
+    The Feast online store is tried first when ``settings.features.enabled``
+    and the store has been applied; groups it does not know (or every group,
+    when it cannot be read) come from ``fallback`` (the base run's
+    :func:`learner.group_features.read_group_features`).
+    """
+    store_read = _store_reader(settings, reader)
+    if store_read is None:
+        return (lambda ids: {g: fallback[g] for g in ids if g in fallback}), "traffic log of the base run"
+
+    def features_for(group_ids: Sequence[str]) -> dict[str, GroupFeatures | str]:
+        ids = list(group_ids)
+        try:
+            found: dict[str, GroupFeatures | str] = dict(store_read(ids))
+        except Exception as exc:  # the store is optional: a failed read falls back, loudly
+            log.warning("feature store read failed (%s); using the base run's features", exc)
+            found = {}
+        for group in ids:
+            if group not in found and group in fallback:
+                found[group] = fallback[group]
+        return found
+
+    return features_for, f"feature store {settings.features.online_store} (fallback: traffic log of the base run)"
+
+
+def _store_reader(settings: Settings, reader: object | None) -> Callable[[list[str]], Mapping[str, GroupFeatures]] | None:
+    """The store's group-feature read, or None when the store is off or has not been applied."""
+    if not settings.features.enabled:
+        return None
+    from features.store import is_applied
+
+    if not is_applied(settings):
+        return None
+    from learner import group_features
+
+    if reader is None:
+        from features.read import FeatureReader
+
+        reader = FeatureReader(settings)
+    return lambda ids: group_features.store_group_features(reader, ids)  # type: ignore[arg-type]

@@ -242,6 +242,9 @@ class LoopSettings(BaseModel):
     )
     ctr_tolerance: float = Field(0.002, ge=0, le=1, description="Gate: most simulated CTR a group may lose.")
     min_gain: float = Field(0.0, ge=0, le=1, description="Gate: the overall figure must rise by more than this.")
+    min_group_pairs: int = Field(
+        10, ge=1, description="Gate: a group's held-out accuracy can block promotion only from this many pairs on."
+    )
     ctr_products_per_group: int = Field(
         4, ge=1, le=1000, description="Gate with a world: products per group whose served creatives are simulated."
     )

@@ -45,11 +45,16 @@ class GateConfig:
     min_gain
         The overall figure (pair-weighted accuracy, or mean CTR when known)
         must rise by more than this.
+    min_group_pairs
+        A group's preference accuracy can block promotion only from this
+        many held-out pairs on (fewer are too noisy to judge by; they still
+        count in the pair-weighted overall figure).
     """
 
     accuracy_tolerance: float = 0.05
     ctr_tolerance: float = 0.002
     min_gain: float = 0.0
+    min_group_pairs: int = 10
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,7 @@ def decide(
         new, old = candidate[group], incumbent.get(group)
         if old is None:
             continue
-        if new.accuracy < old.accuracy - config.accuracy_tolerance:
+        if new.pairs >= config.min_group_pairs and new.accuracy < old.accuracy - config.accuracy_tolerance:
             return _decision(False, f"group {group}: preference accuracy {new.accuracy:.3f} < "
                              f"{old.accuracy:.3f} - {config.accuracy_tolerance} (incumbent)", candidate, incumbent, use_ctr)
         if use_ctr and new.ctr < old.ctr - config.ctr_tolerance:  # type: ignore[operator]

@@ -61,7 +61,8 @@ def gate_config(settings: LearnerSettings) -> GateConfig:
     """The gate tolerances of the loop settings."""
     loop = settings.loop
     return GateConfig(
-        accuracy_tolerance=loop.accuracy_tolerance, ctr_tolerance=loop.ctr_tolerance, min_gain=loop.min_gain
+        accuracy_tolerance=loop.accuracy_tolerance, ctr_tolerance=loop.ctr_tolerance, min_gain=loop.min_gain,
+        min_group_pairs=loop.min_group_pairs,
     )
 
 
@@ -141,6 +142,7 @@ def publish_candidate(gmllm: GMLLM, repository: Path, model_name: str, metadata:
     """Save ``gmllm`` as an artifact and publish it as the next version; returns the version number."""
     repository.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".candidate-", dir=repository))
+    scratch.chmod(0o755)  # mkdtemp makes it 0700; a server running as another user must read the version
     try:
         artifact = gmllm.save(scratch / "model", extra={"published": metadata})
         return publish_version(artifact, repository, model_name, verify=verify_artifact, metadata=metadata).version

@@ -15,6 +15,9 @@ MODULES = [
     "learner.dpo.weights",
     "learner.gate",
     "learner.buffer",
+    "learner.dpo.data",
+    "learner.dpo.heldout",
+    "learner.loop",
 ]
 
 

@@ -107,8 +107,11 @@ def write_artifact(directory: str | Path, write: Callable[[Path], None], info: d
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; a model server running as another user must read it
     try:
         write(tmp)
+        for path in tmp.rglob("*"):  # some writers (safetensors) make files 0600
+            path.chmod(0o755 if path.is_dir() else 0o644)
         (tmp / INFO).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
         write_manifest(tmp)
         if target.exists():

@@ -74,3 +74,15 @@ def test_publish_killed_halfway_leaves_old_version_loadable(tmp_path: Path) -> N
     again = publish_version(_artifact(tmp_path / "v3", b"newer"), repo, "gmllm")
     assert again.version == 2
     assert not [p for p in (repo / "gmllm").iterdir() if p.name.startswith(".tmp-") and p.is_dir()]
+
+
+def test_a_published_gmllm_version_is_readable_by_other_users(tiny_gmllm, tmp_path: Path) -> None:  # noqa: ANN001
+    import stat
+
+    from learner.round import publish_candidate
+
+    version = publish_candidate(tiny_gmllm, tmp_path / "repo", "gmllm", {"round": 1})
+    root = tmp_path / "repo" / "gmllm" / str(version)
+    assert stat.S_IMODE(root.stat().st_mode) & 0o055 == 0o055
+    assert all(stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044 for f in root.iterdir())
+    assert not any(p.name.startswith(".candidate-") for p in (tmp_path / "repo").iterdir())

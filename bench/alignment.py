@@ -23,6 +23,10 @@ One run, on any valid world file (default: example world B):
    (the lowest CTR of each model).
 
 A bar chart per group is saved as ``alignment.png`` under the bench output directory.
+The pre-trained base is kept there too (``alignment-base-<key>``, keyed by the
+world file and the model and pre-training settings) and reused by the next run
+of the same world and configuration: the base is deterministic, and its
+pre-training is most of a full run's time.
 """
 
 from __future__ import annotations
@@ -76,18 +80,28 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     from learner.dpo.heldout import heldout_figures
     from learner.dpo.data import pairs_from_traffic
     from learner.dpo.train import fit_group_dpo
+    from learner.group_features import read_group_features
+    from learner.model.gmllm import GMLLM
     from learner.pretrain import pretrain
 
-    world = World.load(options.world or WORLD_B)
+    world_file = Path(options.world or WORLD_B)
+    world = World.load(world_file)
     p = settings.pretrain
     started = time.perf_counter()
+    cache = options.output_dir / f"alignment-base-{_base_key(world_file, settings)}"
     with Progress(transient=True) as progress:
         task = progress.add_task(f"simulating {p.impressions:,} impressions ({world.name})", total=None)
         train_log, grouper = traffic_from_world(world, n_impressions=p.impressions, seed=p.traffic_seed,
                                                 creatives_per_product=p.creatives_per_product)
-        progress.update(task, description="pre-training the base", total=p.steps, completed=0)
-        base, data, _ = pretrain(train_log, settings, lambda step, *_: progress.update(task, completed=step))
-        features, products = data.features, train_log.products
+        if (cache / "manifest.json").is_file():
+            base, features = GMLLM.load(cache), read_group_features(train_log)
+            progress.console.print(f"reusing the pre-trained base of this world and configuration: {cache}")
+        else:
+            progress.update(task, description="pre-training the base", total=p.steps, completed=0)
+            base, data, _ = pretrain(train_log, settings, lambda step, *_: progress.update(task, completed=step))
+            features = data.features
+            base.save(cache)
+        products = train_log.products
         fresh_n = QUICK_FRESH_IMPRESSIONS if options.quick else FRESH_IMPRESSIONS
         progress.update(task, description=f"simulating {fresh_n:,} fresh impressions", total=None)
         fresh_log, _ = traffic_from_world(world, n_impressions=fresh_n, seed=p.traffic_seed + 1,
@@ -172,6 +186,16 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     else:
         figures["note"] = "no preference pair was mined from the fresh log; only the base is reported"
     return figures
+
+
+def _base_key(world_file: Path, settings: Any) -> str:
+    """Cache key of a pre-trained base: the world file's bytes and the model and pre-training settings."""
+    import hashlib
+    import json
+
+    blob = json.dumps([settings.model.model_dump(mode="json"), settings.pretrain.model_dump(mode="json")],
+                      sort_keys=True).encode()
+    return hashlib.sha256(world_file.read_bytes() + blob).hexdigest()[:12]
 
 
 def _plot(path: Path, world: str, groups: list[str], series: dict[str, dict[str, float]]) -> Path:

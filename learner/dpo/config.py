@@ -21,6 +21,10 @@ class GroupDPOConfig(DPOConfig):
         gets the same expected weight; ``"uniform"``: every pair alike.
     group_weight_power
         Exponent of the inverse share (1.0 balances groups fully, 0.5 halfway).
+    group_weight_prior
+        Pseudo-pairs added to each group's pair count before inverting it:
+        groups with few pairs are balanced less (see
+        :func:`learner.dpo.weights.group_pair_weights`).
     one_size
         One-size-fits-all baseline: the same trainer with uniform weighting;
         the caller also builds prompts without the group prefix
@@ -32,6 +36,9 @@ class GroupDPOConfig(DPOConfig):
         default="inverse_share", metadata={"help": "inverse_share (balance groups) or uniform."}
     )
     group_weight_power: float = field(default=1.0, metadata={"help": "Exponent of the inverse group share."})
+    group_weight_prior: float = field(
+        default=0.0, metadata={"help": "Pseudo-pairs added to each group's count before inverting it."}
+    )
     one_size: bool = field(default=False, metadata={"help": "One-size-fits-all baseline: uniform weights."})
 
     def __post_init__(self) -> None:

@@ -75,6 +75,7 @@ def dpo_config(settings: DPOSettings, output_dir: str | Path, steps: int, one_si
         remove_unused_columns=False,
         group_weighting="uniform" if one_size else settings.group_weighting,
         group_weight_power=settings.group_weight_power,
+        group_weight_prior=settings.group_weight_prior,
         one_size=one_size,
         **extra,
         **overrides,

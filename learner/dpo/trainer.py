@@ -41,7 +41,7 @@ class GroupDPOTrainer(DPOTrainer):
             )
         self.pair_groups: list[str] = list(dataset[config.group_column])
         self.pair_weights: np.ndarray = group_pair_weights(
-            self.pair_groups, config.group_weighting, config.group_weight_power
+            self.pair_groups, config.group_weighting, config.group_weight_power, config.group_weight_prior
         )
         if pair_weights is not None:
             extra = np.asarray(pair_weights, dtype=np.float64)

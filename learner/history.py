@@ -25,6 +25,7 @@ class RoundRecord:
     version: int | None
     reference_version: int | None
     training: dict[str, Any] = field(default_factory=dict)
+    pairs_left_out: dict[str, int] = field(default_factory=dict)
     finished_at: float = field(default_factory=time.time)
 
 

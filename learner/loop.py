@@ -213,6 +213,7 @@ class LearnerLoop:
         outcome = run_round(
             self.next_round, usable, self.incumbent, self.version, features, self.products, self.settings,
             self.repository, self.history, served_ctr=judge, one_size=self.one_size, on_log=on_log,
+            pairs_left_out=left_out,
         )
         self.buffer.mark_trained()
         self.last_round_at = time.monotonic() if now is None else now

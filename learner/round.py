@@ -89,8 +89,13 @@ def run_round(
     served_ctr: ServedCTR | None = None,
     one_size: bool = False,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
+    pairs_left_out: Mapping[str, int] | None = None,
 ) -> RoundOutcome:
-    """Run one round (see the module docstring); the buffer's new-pair count is reset."""
+    """Run one round (see the module docstring); the buffer's new-pair count is reset.
+
+    ``pairs_left_out`` (pairs per group the caller could not use, e.g. groups
+    without features) is recorded in the history as it is.
+    """
     started = time.time()
     loop = settings.loop
     train, heldout = buffer.split(loop.heldout_fraction)
@@ -103,6 +108,7 @@ def run_round(
             round=number, started_at=started, data_window=window, pairs_per_group=per_group,
             heldout_pairs=len(heldout), losses=losses, gate=gate, decision=decision, version=version,
             reference_version=incumbent_version, training=training,
+            pairs_left_out=dict(sorted((pairs_left_out or {}).items())),
         )
         append_round(history, entry)
         return entry

@@ -113,6 +113,7 @@ def test_a_better_candidate_is_published_as_the_next_version_and_logged(tmp_path
     [record] = read_rounds(loop.history)
     assert record["round"] == 1 and record["decision"] == "promoted" and record["version"] == 2
     assert record["reference_version"] == 1 and set(record["pairs_per_group"]) == {"mugs/g0", "mugs/g1"}
+    assert record["pairs_left_out"] == {"mugs/g9": 7}
     assert sum(record["pairs_per_group"].values()) + record["heldout_pairs"] == len(pairs)
     assert record["gate"]["promote"] and record["losses"]
     assert loop.buffer.new_pairs == 0 and not loop.due(now=10.0 + SETTINGS.loop.max_wait_s)

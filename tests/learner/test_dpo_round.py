@@ -106,3 +106,11 @@ def test_group_dpo_teaches_the_gmllm_opposite_tastes_one_size_cannot(pairs, feat
     assert np.allclose(winners, base_w) and np.allclose(losers, base_l)
     moved_w, _ = pair_logprobs(grouped, heldout[:4], features, tiny_log.products)
     assert not np.allclose(moved_w, base_w)
+
+
+def test_the_optional_sft_term_on_winners_trains(pairs, features, tiny_log, tiny_gmllm, one_thread) -> None:  # noqa: ANN001
+    policy = tiny_gmllm.copy()
+    fit = fit_group_dpo(policy, tiny_gmllm, pairs[:16], features, tiny_log.products,
+                        DPOSettings(sft_weight=0.5, batch_size=4, max_steps=3))
+    assert fit.steps == 3 and all(np.isfinite(fit.losses))
+    assert fit.losses[0] > 0.6931  # sigmoid DPO starts at log 2; the SFT term adds the winners' NLL

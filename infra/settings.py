@@ -218,8 +218,9 @@ class DPOSettings(BaseModel):
     )
     group_weight_power: float = Field(1.0, ge=0, le=4.0, description="Exponent of the inverse group share.")
     group_weight_prior: float = Field(
-        0.0, ge=0, description="Pseudo-pairs added to each group's pair count before inverting it: groups with "
-        "few pairs are up-weighted less (0: every group gets the same total weight)."
+        50.0, ge=0, description="Pseudo-pairs added to each group's pair count before inverting it: groups with "
+        "few pairs are up-weighted less, so a handful of pairs is not drawn over and over (0: every group gets "
+        "the same total weight). 50 was measured best for the worst group on example world B (docs/learner.md)."
     )
     sft_weight: float = Field(
         0.0, ge=0, le=10.0, description="Weight of TRL's SFT term on winners (0: pure sigmoid DPO loss)."

@@ -61,7 +61,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import BenchOptions, print_table
+from bench.common import QUICK_MODEL, BenchOptions, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD_B = ROOT / "infra" / "world" / "examples" / "world_b.yaml"
@@ -69,8 +69,7 @@ GOAL_RATIO = 0.9
 WARMUP_STEPS = 3
 
 QUICK_LEARNER: dict[str, Any] = {
-    "model": {"vocab_size": 600, "hidden_size": 64, "layers": 2, "heads": 4, "intermediate_size": 128,
-              "vision_hidden_size": 32, "vision_layers": 1, "image_size": 16, "patch_size": 8},
+    "model": QUICK_MODEL,
     "pretrain": {"impressions": 30_000, "creatives_per_product": 4, "steps": 2, "batch_size": 8,
                  "warmup_steps": 1, "feature_snapshots": 1},
 }

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import BenchOptions, print_table
+from bench.common import QUICK_MODEL, BenchOptions, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD_A = ROOT / "infra" / "world" / "examples" / "world_a.yaml"
@@ -42,8 +42,7 @@ QUICK_HELD_OUT_IMPRESSIONS = 20_000
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2)
 
 QUICK_LEARNER: dict[str, Any] = {
-    "model": {"vocab_size": 600, "hidden_size": 64, "layers": 2, "heads": 4, "intermediate_size": 128,
-              "vision_hidden_size": 32, "vision_layers": 1, "image_size": 16, "patch_size": 8},
+    "model": QUICK_MODEL,
     "pretrain": {"impressions": 30_000, "creatives_per_product": 8, "steps": 60, "batch_size": 8,
                  "warmup_steps": 10, "feature_snapshots": 2},
     "generation": {"candidates": 4},

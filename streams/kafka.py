@@ -224,8 +224,9 @@ def consume_all(bootstrap: str, topics: list[str], timeout_s: float = 30) -> lis
     return _run(_consume_all(bootstrap, list(dict.fromkeys(topics)), timeout_s))
 
 
-async def _consume_all(bootstrap: str, topics: list[str], timeout_s: float) -> list[ConsumedRecord]:
-    consumer = AIOKafkaConsumer(
+def _reader(bootstrap: str) -> AIOKafkaConsumer:
+    """A consumer outside any group, from the earliest offset, with large fetches (for reading topics whole)."""
+    return AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=None,
         enable_auto_commit=False,
@@ -234,6 +235,10 @@ async def _consume_all(bootstrap: str, topics: list[str], timeout_s: float) -> l
         max_partition_fetch_bytes=4 * 1024 * 1024,
         fetch_max_bytes=64 * 1024 * 1024,
     )
+
+
+async def _consume_all(bootstrap: str, topics: list[str], timeout_s: float) -> list[ConsumedRecord]:
+    consumer = _reader(bootstrap)
     records: dict[TopicPartition, list[ConsumedRecord]] = {}
     try:
         with _quiet_connect_errors():
@@ -352,15 +357,7 @@ class TopicFollower:
             ) from None
 
     async def _start(self) -> None:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=100,
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            fetch_max_bytes=64 * 1024 * 1024,
-        )
+        consumer = _reader(self.bootstrap)
         try:
             with _quiet_connect_errors():
                 await consumer.start()

@@ -72,44 +72,54 @@ class GateDecision:
 def decide(
     candidate: Mapping[str, GroupFigures], incumbent: Mapping[str, GroupFigures], config: GateConfig = GateConfig()
 ) -> GateDecision:
-    """Promote only if no group regresses beyond tolerance and the overall figure improves."""
-    use_ctr = all(f.ctr is not None for f in candidate.values()) and all(
-        f.ctr is not None for f in incumbent.values()
-    )
+    """Promote only if no group regresses beyond tolerance and the overall figure improves.
+
+    Simulated CTR is used wherever both versions have it for a group (a
+    group the simulator cannot judge, e.g. one without members, is judged by
+    its preference accuracy only); the overall figure is then the mean CTR of
+    those groups.
+    """
+    judged = ctr_groups(candidate, incumbent)
     for group in sorted(candidate):
         new, old = candidate[group], incumbent.get(group)
         if old is None:
             continue
         if new.pairs >= config.min_group_pairs and new.accuracy < old.accuracy - config.accuracy_tolerance:
             return _decision(False, f"group {group}: preference accuracy {new.accuracy:.3f} < "
-                             f"{old.accuracy:.3f} - {config.accuracy_tolerance} (incumbent)", candidate, incumbent, use_ctr)
-        if use_ctr and new.ctr < old.ctr - config.ctr_tolerance:  # type: ignore[operator]
+                             f"{old.accuracy:.3f} - {config.accuracy_tolerance} (incumbent)", candidate, incumbent, judged)
+        if group in judged and new.ctr < old.ctr - config.ctr_tolerance:  # type: ignore[operator]
             return _decision(False, f"group {group}: simulated CTR {new.ctr:.4f} < {old.ctr:.4f} - "
-                             f"{config.ctr_tolerance} (incumbent)", candidate, incumbent, use_ctr)
-    new_overall, old_overall = _overall(candidate, use_ctr), _overall(incumbent, use_ctr)
+                             f"{config.ctr_tolerance} (incumbent)", candidate, incumbent, judged)
+    new_overall, old_overall = _overall(candidate, judged), _overall(incumbent, judged)
     if new_overall <= old_overall + config.min_gain:
-        what = "mean simulated CTR" if use_ctr else "preference accuracy"
+        what = "mean simulated CTR" if judged else "preference accuracy"
         return _decision(False, f"overall {what} {new_overall:.4f} does not beat {old_overall:.4f}",
-                         candidate, incumbent, use_ctr)
-    return _decision(True, "no group regressed and the overall figure improved", candidate, incumbent, use_ctr)
+                         candidate, incumbent, judged)
+    return _decision(True, "no group regressed and the overall figure improved", candidate, incumbent, judged)
 
 
-def _overall(figures: Mapping[str, GroupFigures], use_ctr: bool) -> float:
+def ctr_groups(candidate: Mapping[str, GroupFigures], incumbent: Mapping[str, GroupFigures]) -> set[str]:
+    """Groups whose simulated CTR is known for both versions."""
+    return {g for g, f in candidate.items() if f.ctr is not None and g in incumbent and incumbent[g].ctr is not None}
+
+
+def _overall(figures: Mapping[str, GroupFigures], judged: set[str]) -> float:
+    """Mean CTR over the ``judged`` groups when there are any, else pair-weighted preference accuracy."""
+    if judged:
+        return sum(figures[g].ctr for g in judged) / len(judged)  # type: ignore[misc]
     if not figures:
         return 0.0
-    if use_ctr:
-        return sum(f.ctr for f in figures.values()) / len(figures)  # type: ignore[misc]
     pairs = sum(f.pairs for f in figures.values()) or 1
     return sum(f.accuracy * f.pairs for f in figures.values()) / pairs
 
 
 def _decision(promote: bool, reason: str, candidate: Mapping[str, GroupFigures],
-              incumbent: Mapping[str, GroupFigures], use_ctr: bool) -> GateDecision:
+              incumbent: Mapping[str, GroupFigures], judged: set[str]) -> GateDecision:
     return GateDecision(
         promote=promote,
         reason=reason,
-        overall_candidate=_overall(candidate, use_ctr),
-        overall_incumbent=_overall(incumbent, use_ctr),
+        overall_candidate=_overall(candidate, judged),
+        overall_incumbent=_overall(incumbent, judged),
         candidate={g: asdict(f) for g, f in candidate.items()},
         incumbent={g: asdict(f) for g, f in incumbent.items()},
     )

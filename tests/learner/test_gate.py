@@ -28,3 +28,24 @@ def test_simulated_ctr_is_used_when_known() -> None:
     old = {"a": GroupFigures("a", 10, 0.5, 0.0, ctr=0.03)}
     decision = decide(new, old, GateConfig(ctr_tolerance=0.001))
     assert not decision.promote and "simulated CTR" in decision.reason
+
+
+def test_ctr_still_guards_the_groups_it_knows_when_one_group_has_none() -> None:
+    # drill/g0 has no members the simulator can score; the others' CTR must still decide.
+    new = {"a": GroupFigures("a", 6, 0.7, 0.2), "b": GroupFigures("b", 5, 0.6, 0.1, ctr=0.024),
+           "c": GroupFigures("c", 16, 0.7, 0.3, ctr=0.055)}
+    old = {"a": GroupFigures("a", 6, 0.5, 0.0), "b": GroupFigures("b", 5, 0.5, 0.0, ctr=0.033),
+           "c": GroupFigures("c", 16, 0.5, 0.0, ctr=0.037)}
+    decision = decide(new, old, GateConfig(ctr_tolerance=0.002))
+    assert not decision.promote and decision.reason.startswith("group b: simulated CTR")
+    new["b"] = GroupFigures("b", 5, 0.6, 0.1, ctr=0.034)
+    decision = decide(new, old, GateConfig(ctr_tolerance=0.002))
+    assert decision.promote
+    assert decision.overall_candidate == (0.034 + 0.055) / 2 and decision.overall_incumbent == (0.033 + 0.037) / 2
+
+
+def test_few_held_out_pairs_cannot_block_on_accuracy_alone() -> None:
+    new = {"a": GroupFigures("a", 4, 0.0, -0.5), "b": GroupFigures("b", 40, 0.8, 0.3)}
+    old = {"a": GroupFigures("a", 4, 0.5, 0.0), "b": GroupFigures("b", 40, 0.5, 0.0)}
+    assert decide(new, old, GateConfig(min_group_pairs=10)).promote
+    assert not decide(new, old, GateConfig(min_group_pairs=4)).promote

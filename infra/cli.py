@@ -43,6 +43,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     for module, name in (
         ("infra.broker", "BrokerError"),
         ("streams.kafka", "KafkaError"),
+        ("streams.worker", "WorkerStartError"),
         ("infra.world.schema", "WorldError"),
         ("infra.replay", "ReplayError"),
         ("streams.prompt", "PromptError"),

@@ -17,6 +17,10 @@ FEATURE_STORE_WAIT_S = 60.0
 """How long a starting worker waits for its feature store (Feast import, apply) before consuming."""
 
 
+class WorkerStartError(RuntimeError):
+    """The worker cannot start; the message names the fix."""
+
+
 def run_worker(settings: Settings, index: int = 1, loglevel: str = "warning") -> None:
     """Run one worker until it is stopped (SIGINT/SIGTERM); serves metrics on ``metrics_port + index - 1``."""
     import faust
@@ -28,7 +32,15 @@ def run_worker(settings: Settings, index: int = 1, loglevel: str = "warning") ->
     wait_for_kafka(settings.bootstrap_servers, timeout_s=30)
     ensure_topics(settings.bootstrap_servers, settings.topics.all_names(), settings.topics.partitions)
     if settings.streams.metrics_port:
-        start_http_server(settings.streams.metrics_port + index - 1, addr="127.0.0.1")
+        port = settings.streams.metrics_port + index - 1
+        try:
+            start_http_server(port, addr="127.0.0.1")
+        except OSError as exc:
+            raise WorkerStartError(
+                f"metrics port 127.0.0.1:{port} is not free ({exc.strerror}): another worker may be running "
+                f"(`pgrep -af 'osmf worker'`); stop it, or set OSMF_STREAMS__METRICS_PORT to a free port "
+                "(0 turns metrics off)"
+            ) from None
     worker = Worker(settings)
     if settings.features.enabled and not worker.start_feature_push(wait_s=FEATURE_STORE_WAIT_S):
         logging.getLogger(__name__).warning(

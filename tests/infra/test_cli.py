@@ -181,3 +181,14 @@ def test_demo_reads_back_every_impression_and_prints_the_tables(on_broker: Setti
     assert "lipstick" in result.output and "drill" in result.output
     assert "per group, as the stream worker counted" in result.output
     assert "lipstick/g" in result.output
+
+
+def test_worker_on_a_busy_metrics_port_names_the_port_and_the_fix(on_broker: Settings, monkeypatch) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        monkeypatch.setenv("OSMF_STREAMS__METRICS_PORT", str(port))
+        result = runner.invoke(app, ["worker"])
+    assert result.exit_code == 2, result.output
+    assert f"127.0.0.1:{port}" in result.output and "OSMF_STREAMS__METRICS_PORT" in result.output

@@ -99,7 +99,8 @@ def run_round(
     started = time.time()
     loop = settings.loop
     train, heldout = buffer.split(loop.heldout_fraction)
-    window = (min((p.ts for p in buffer.pairs()), default=0), max((p.ts for p in buffer.pairs()), default=0))
+    held = buffer.pairs()  # oldest first
+    window = (held[0].ts, held[-1].ts) if held else (0, 0)
     per_group = dict(sorted(Counter(p.group_id for p in train).items()))
     buffer.mark_trained()
 

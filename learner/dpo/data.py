@@ -83,8 +83,14 @@ def pair_prompt(
     one_size: bool = False,
 ) -> str:
     """The DPO prompt of ``pair``: group prefix (or the one-size prefix), image placeholder, product text."""
-    group = one_size_prefix(pair.category) if one_size else features[pair.group_id]
-    return generation_input(group, products[pair.product_id])
+    return generation_input(pair_group(pair, features, one_size), products[pair.product_id])
+
+
+def pair_group(
+    pair: PreferencePair, features: Mapping[str, GroupFeatures | str], one_size: bool = False
+) -> GroupFeatures | str:
+    """What the model is conditioned on for ``pair``: its group's features, or the one-size prefix."""
+    return one_size_prefix(pair.category) if one_size else features[pair.group_id]
 
 
 def preference_rows(

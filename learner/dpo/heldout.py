@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from learner.data import ProductRecord
-from learner.dpo.data import one_size_prefix, usable_pairs
+from learner.dpo.data import pair_group, usable_pairs
 from learner.gate import GroupFigures
 from learner.group_features import GroupFeatures
 from learner.model.gmllm import GMLLM
@@ -33,11 +33,9 @@ def pair_logprobs(
     one_size: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(log π(winner|x), log π(loser|x))`` for each pair (all must be usable)."""
-    def group(pair: PreferencePair) -> GroupFeatures | str:
-        return one_size_prefix(pair.category) if one_size else features[pair.group_id]
-
-    winners = [(group(p), products[p.product_id], p.winner_prompt) for p in pairs]
-    losers = [(group(p), products[p.product_id], p.loser_prompt) for p in pairs]
+    groups = [pair_group(p, features, one_size) for p in pairs]
+    winners = [(g, products[p.product_id], p.winner_prompt) for g, p in zip(groups, pairs, strict=True)]
+    losers = [(g, products[p.product_id], p.loser_prompt) for g, p in zip(groups, pairs, strict=True)]
     return gmllm.completion_logprobs(winners), gmllm.completion_logprobs(losers)
 
 

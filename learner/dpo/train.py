@@ -131,7 +131,6 @@ def fit_group_dpo(
                 if on_log is not None:
                     on_log(state.global_step, history[-1])
 
-    policy.model.requires_grad_(True)  # a copy of a frozen model would be frozen too
     with tempfile.TemporaryDirectory(prefix="osmf-dpo-") as scratch:
         args = dpo_config(settings, scratch, total_steps, one_size)
         cls = trainer_class or GroupDPOTrainer

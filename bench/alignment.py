@@ -17,7 +17,7 @@ One run, on any valid world file (default: example world B):
 4. *Judge.* For each learned group and the first products of its category,
    the creative each model serves (sampled, reranked by its click head, as in
    production) is scored by the world's click model, averaged over the group's
-   members' hidden segments (:class:`infra.world.judge.WorldCTR`). Random
+   members' hidden segments (:class:`sim.judge.WorldCTR`). Random
    prompts give the floor and the best of 200 random prompts per product the
    oracle ceiling. Reported per group, averaged, and for the worst group
    (the lowest CTR of each model).
@@ -41,7 +41,7 @@ import numpy as np
 from bench.common import QUICK_MODEL, BenchOptions, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
-WORLD_B = ROOT / "infra" / "world" / "examples" / "world_b.yaml"
+WORLD_B = ROOT / "sim" / "examples" / "world_b.yaml"
 PAIR_BUDGET = 2_000
 QUICK_PAIR_BUDGET = 300
 FRESH_IMPRESSIONS = 300_000
@@ -72,14 +72,14 @@ def run(options: BenchOptions) -> dict[str, Any]:
 def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     from rich.progress import Progress
 
-    from infra.logs import traffic_from_world
-    from infra.world.judge import WorldCTR, group_members
-    from infra.world.world import World
+    from sim.logs import traffic_from_world
+    from sim.judge import WorldCTR, group_members
+    from sim.world import World
     from learner.buffer import PairBuffer
     from learner.dpo.heldout import heldout_figures
     from learner.dpo.data import pairs_from_traffic
     from learner.dpo.train import fit_group_dpo
-    from learner.group_features import read_group_features
+    from features.group import read_group_features
     from learner.model.gmllm import GMLLM
     from learner.pretrain import pretrain
 

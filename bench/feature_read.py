@@ -1,10 +1,10 @@
-"""Feature reads: read_group_features for 1, 10, 100 groups beside a direct SQL read of the same SQLite file.
+"""Feature reads: read_group_rows for 1, 10, 100 groups beside a direct SQL read of the same SQLite file.
 
 A fresh SQLite store gets 1,000 groups (profile + creative preferences, sized
 like the worker's: ~15 centroid dimensions, ~40 attribute CTRs, 5 top
 prompts). Then, for 1, 10 and 100 random groups per call, p50/p99 of:
 
-* ``cached``: :meth:`features.read.FeatureReader.read_group_features`, steady
+* ``cached``: :meth:`features.read.FeatureReader.read_group_rows`, steady
   state (the change log is read on every call; nothing changed);
 * ``live``: the same while a pusher changes 8 random groups every 250 ms, as
   the worker does (each push drops exactly those groups from the cache);
@@ -105,9 +105,9 @@ def _measure(settings: Any, calls: int) -> dict[tuple[str, int], tuple[float, fl
     sql = _SqlReader(settings)
     for n in SIZES:
         samples = [rng.sample(ids, n) for _ in range(calls)]
-        cached.read_group_features(ids)  # warm: every group cached
-        figures[("cached", n)] = _time(lambda s: cached.read_group_features(s), samples)
-        figures[("uncached", n)] = _time(lambda s: uncached.read_group_features(s), samples)
+        cached.read_group_rows(ids)  # warm: every group cached
+        figures[("cached", n)] = _time(lambda s: cached.read_group_rows(s), samples)
+        figures[("uncached", n)] = _time(lambda s: uncached.read_group_rows(s), samples)
         figures[("sql", n)] = _time(sql.read, samples)
     pusher = FeaturePusher(FeastSink(settings, embedder=None, apply_if_needed=False), PushConfig(flush_s=0.05))
     pusher.start()
@@ -125,7 +125,7 @@ def _measure(settings: Any, calls: int) -> dict[tuple[str, int], tuple[float, fl
     try:
         for n in SIZES:
             samples = [rng.sample(ids, n) for _ in range(calls)]
-            figures[("live", n)] = _time(lambda s: cached.read_group_features(s), samples, pause_s=0.002)
+            figures[("live", n)] = _time(lambda s: cached.read_group_rows(s), samples, pause_s=0.002)
     finally:
         stop.set()
         thread.join()

@@ -50,9 +50,9 @@ POLL_S = 0.02
 
 def run(options: BenchOptions) -> dict[str, Any]:
     """Run the benchmark; returns freshness percentiles in ms and the worker's push counters."""
-    from infra.world.simulate import generate_events
-    from infra.world.world import World
-    from streams.kafka import ensure_topics, produce_events
+    from sim.simulate import generate_events
+    from sim.world import World
+    from infra.kafka import ensure_topics, produce_events
 
     duration = 10.0 if options.quick else 45.0
     world = World.load(options.world or WORLD_A)
@@ -71,7 +71,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
         options.output_dir.mkdir(parents=True, exist_ok=True)
         log_path = options.output_dir / "freshness-worker.log"
         log = open(log_path, "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "infra.cli", "worker"], env=env, stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "cli.main", "worker"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         probes = Probes(settings, events)
         try:
@@ -186,7 +186,7 @@ class Probes:
     """Inserts probe impressions into the stream and polls the online store until each is visible."""
 
     def __init__(self, settings: Any, events: list[Any]) -> None:
-        from streams.events import Impression
+        from infra.contracts.events import Impression
 
         self.settings = settings
         self.template = next(e for e in events if isinstance(e, Impression))

@@ -64,7 +64,7 @@ from typing import Any
 from bench.common import QUICK_MODEL, BenchOptions, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
-WORLD_B = ROOT / "infra" / "world" / "examples" / "world_b.yaml"
+WORLD_B = ROOT / "sim" / "examples" / "world_b.yaml"
 GOAL_RATIO = 0.9
 WARMUP_STEPS = 3
 
@@ -97,8 +97,8 @@ def run(options: BenchOptions) -> dict[str, Any]:
 
 
 def _run(options: BenchOptions, settings: Any, steps: int, repeats: int) -> dict[str, Any]:
-    from infra.logs import traffic_from_world
-    from infra.world.world import World
+    from sim.logs import traffic_from_world
+    from sim.world import World
     from learner.dpo.data import pairs_from_traffic, usable_pairs
     from learner.pretrain import pretrain
 

@@ -28,7 +28,7 @@ import numpy as np
 from bench.common import BenchOptions, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE_WORLDS = (ROOT / "infra/world/examples/world_a.yaml", ROOT / "infra/world/examples/world_b.yaml")
+EXAMPLE_WORLDS = (ROOT / "sim/examples/world_a.yaml", ROOT / "sim/examples/world_b.yaml")
 CHECKPOINTS = (10_000, 50_000, 200_000)
 """Impressions after which groups are scored (full run)."""
 QUICK_CHECKPOINTS = (5_000, 20_000)
@@ -122,7 +122,7 @@ def attribute_ceiling(world: Any, category: str) -> tuple[float, float]:
 
 def run(options: BenchOptions) -> dict[str, Any]:
     """Score grouping on each world (both examples unless ``options.world``); return the figures."""
-    from infra.world.world import World
+    from sim.world import World
 
     paths = [options.world] if options.world is not None else list(EXAMPLE_WORLDS)
     checkpoints = QUICK_CHECKPOINTS if options.quick else CHECKPOINTS
@@ -166,8 +166,8 @@ def run(options: BenchOptions) -> dict[str, Any]:
 
 
 def _bench_world(world: Any, checkpoints: Sequence[int], baseline_until: int) -> dict[str, Any]:
-    from infra.world.simulate import generate_events
-    from streams.events import Impression
+    from sim.simulate import generate_events
+    from infra.contracts.events import Impression
     from streams.grouping import ProductAwareGrouper
 
     ops: list[tuple[bool, str, dict[str, Any], str]] = []

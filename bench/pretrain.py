@@ -36,7 +36,7 @@ import numpy as np
 from bench.common import QUICK_MODEL, BenchOptions, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
-WORLD_A = ROOT / "infra" / "world" / "examples" / "world_a.yaml"
+WORLD_A = ROOT / "sim" / "examples" / "world_a.yaml"
 HELD_OUT_IMPRESSIONS = 100_000
 QUICK_HELD_OUT_IMPRESSIONS = 20_000
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2)
@@ -62,9 +62,9 @@ def run(options: BenchOptions) -> dict[str, Any]:
 def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     from rich.progress import Progress
 
-    from infra.logs import traffic_from_world
-    from infra.world.judge import group_members
-    from infra.world.world import World
+    from sim.logs import traffic_from_world
+    from sim.judge import group_members
+    from sim.world import World
     from learner.evaluate import click_auc, parse_rate
     from learner.pretrain import plot_losses, pretrain
 
@@ -168,9 +168,9 @@ def _creative_ctr(
     products_per_group: int | None,
     reference: bool,
 ) -> tuple[list[list[Any]], dict[str, dict[str, float]], dict[float, list[Any]], list[Any], int]:
-    from infra.world.judge import group_ctr
+    from sim.judge import group_ctr
     from learner.evaluate import choose_creative
-    from streams.prompt import random_prompt
+    from infra.contracts.prompt import random_prompt
 
     rows, figures, constrained = [], {}, []
     raw: dict[float, list[Any]] = {}
@@ -218,7 +218,7 @@ def _creative_ctr(
 
 
 def _lr_tokens(key: tuple[str, str, str]) -> list[str]:
-    from learner.group_features import creative_attributes
+    from features.group import creative_attributes
 
     group, product, prompt = key
     attributes = creative_attributes(prompt)

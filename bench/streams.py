@@ -29,15 +29,15 @@ from rich.progress import Progress
 from bench.common import BenchOptions, print_table
 from infra.settings import Settings, load_settings
 
-WORLD_A = Path(__file__).resolve().parents[1] / "infra" / "world" / "examples" / "world_a.yaml"
+WORLD_A = Path(__file__).resolve().parents[1] / "sim" / "examples" / "world_a.yaml"
 
 
 def run(options: BenchOptions) -> dict[str, Any]:
     """Run the benchmark; returns events/s of both paths and their ratio."""
-    from infra.world.simulate import generate_events
-    from infra.world.world import World
-    from streams.events import Impression
-    from streams.kafka import ensure_topics, produce_events
+    from sim.simulate import generate_events
+    from sim.world import World
+    from infra.contracts.events import Impression
+    from infra.kafka import ensure_topics, produce_events
 
     n_impressions = 5_000 if options.quick else 40_000
     world = World.load(options.world or WORLD_A)
@@ -93,7 +93,7 @@ async def _raw_consume_rate(settings: Settings, n_events: int) -> float:
 def _worker_rate(env: dict[str, str], settings: Settings, n_impressions: int, n_clicks: int) -> float:
     port = int(env["OSMF_STREAMS__METRICS_PORT"])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "infra.cli", "worker"], env=env,
+        [sys.executable, "-m", "cli.main", "worker"], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:

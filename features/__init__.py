@@ -2,7 +2,7 @@
 
 The read API is importable from here (loaded on first use, Feast only when a read needs it)::
 
-    from features import read_group_features, resolve_group, training_frame
+    from features import read_group_rows, resolve_group, training_frame
 
 See ``docs/features.md``.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-_READ_API = {"FeatureReader", "GroupFeatures", "ProductFeatures", "read_group_features", "resolve_group",
+_READ_API = {"FeatureReader", "GroupRows", "ProductFeatures", "read_group_rows", "resolve_group",
              "training_frame"}
 
 __all__ = sorted(_READ_API)

@@ -29,6 +29,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from features.connect import redis_client, repo_path
+
 if TYPE_CHECKING:
     from infra.settings import Settings
 
@@ -159,8 +161,6 @@ def _collect(seq: int, rows: list[tuple[int, str, str]]) -> Changes:
 
 def change_log(settings: Settings) -> ChangeLog:
     """The change log beside the configured online store."""
-    from features.store import redis_client, repo_path
-
     if settings.features.online_store == "redis":
         return RedisChangeLog(redis_client(settings), settings.features.project)
     root = repo_path(settings)

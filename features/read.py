@@ -1,6 +1,6 @@
 """Typed reads of the feature store for the learner and serving.
 
-* :meth:`FeatureReader.read_group_features` — group profile and creative
+* :meth:`FeatureReader.read_group_rows` — group profile and creative
   preferences of many groups at once, as aligned arrays;
 * :meth:`FeatureReader.resolve_group` — a user's current group in a category;
 * :meth:`FeatureReader.read_products` — product profiles with title embeddings;
@@ -58,7 +58,7 @@ class TopPrompt:
 
 
 @dataclass(frozen=True)
-class GroupFeatures:
+class GroupRows:
     """Features of several groups, row ``i`` for ``group_ids[i]``.
 
     ``found_profile[i]`` / ``found_preferences[i]`` say whether the store has
@@ -98,6 +98,32 @@ class GroupFeatures:
 
     def __len__(self) -> int:
         return len(self.group_ids)
+
+    def profile(self, i: int) -> dict[str, Any]:
+        """Group ``i``'s ``group_profile`` row as :func:`features.rows.group_profile_row` lays it out."""
+        keys, values = self.centroid_keys[i], self.centroid[i]
+        return {
+            "group_id": self.group_ids[i],
+            "category": self.category[i],
+            "rule": self.rule[i],
+            "member_count": self.member_count[i],
+            "weight": self.weight[i],
+            "centroid_keys": None if keys is None else list(keys),
+            "centroid": None if values is None else [float(v) for v in values],
+        }
+
+    def preferences(self, i: int) -> dict[str, Any]:
+        """Group ``i``'s ``group_creative_preferences`` counts as :func:`features.rows.group_preferences_row` lays them out."""
+        keys = self.attribute_keys[i]
+        shown, clicked = self.attribute_impressions[i], self.attribute_clicks[i]
+        return {
+            "group_id": self.group_ids[i],
+            "impressions": int(self.impressions[i]),
+            "clicks": int(self.clicks[i]),
+            "attribute_keys": None if keys is None else list(keys),
+            "attribute_impressions": None if shown is None else [int(n) for n in shown],
+            "attribute_clicks": None if clicked is None else [int(c) for c in clicked],
+        }
 
     def distributions(self, i: int) -> dict[str, dict[str, float]] | None:
         """Group ``i``'s attribute distributions, ``{attribute: {value: share}}`` (None when missing)."""
@@ -170,14 +196,14 @@ class FeatureReader:
 
     # ---------------------------------------------------------------- online
 
-    def read_group_features(self, group_ids: Sequence[str]) -> GroupFeatures:
+    def read_group_rows(self, group_ids: Sequence[str]) -> GroupRows:
         """Profile and creative preferences of ``group_ids`` (duplicates allowed), aligned arrays."""
         ids = _ids("group_ids", group_ids)
         rows = self._online(GROUP_VIEWS, [(g,) for g in ids])
         profile = [rows[("group_profile", (g,))] for g in ids]
         prefs = [rows[("group_creative_preferences", (g,))] for g in ids]
         n = len(ids)
-        return GroupFeatures(
+        return GroupRows(
             group_ids=tuple(ids),
             found_profile=np.array([p is not None for p in profile], dtype=bool).reshape(n),
             found_preferences=np.array([p is not None for p in prefs], dtype=bool).reshape(n),
@@ -518,9 +544,9 @@ def default_reader() -> FeatureReader:
         return _default
 
 
-def read_group_features(group_ids: Sequence[str]) -> GroupFeatures:
-    """:meth:`FeatureReader.read_group_features` on the process-wide reader."""
-    return default_reader().read_group_features(group_ids)
+def read_group_rows(group_ids: Sequence[str]) -> GroupRows:
+    """:meth:`FeatureReader.read_group_rows` on the process-wide reader."""
+    return default_reader().read_group_rows(group_ids)
 
 
 def resolve_group(user_id: str, category: str) -> str | None:

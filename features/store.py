@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from features.connect import redis_client, repo_path
 from features.schema import VIEWS, arrow_schema
 
 if TYPE_CHECKING:
@@ -40,11 +41,6 @@ INIT_PART = "part-0000000000000-init.parquet"
 
 class FeatureStoreError(RuntimeError):
     """The feature store cannot do what was asked; the message names the setting or step and the fix."""
-
-
-def repo_path(settings: Settings) -> Path:
-    """Folder of this store's files: ``<data_dir>/features``."""
-    return Path(settings.data_dir).resolve() / "features"
 
 
 def history_dir(settings: Settings, view: str) -> Path:
@@ -257,31 +253,6 @@ def online_reachable(settings: Settings) -> tuple[bool, str]:
     except redis.RedisError as exc:
         return False, f"Redis {host_port} does not answer ({exc}); start it or fix features.redis_url"
     return True, f"Redis {host_port}"
-
-
-def redis_client(settings: Settings):  # noqa: ANN201 - redis is imported lazily
-    """A redis-py client for ``features.redis_url`` (only the first host of a cluster string).
-
-    It fails fast (one retry, no backoff): its callers — the pusher, readers, ``status`` — retry on their own.
-    """
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    address, *params = settings.features.redis_connection_string.split(",")
-    host, _, port = address.rpartition(":")
-    options: dict[str, Any] = {}
-    for param in params:
-        key, _, value = param.partition("=")
-        if key == "db":
-            options["db"] = int(value)
-        elif key == "password":
-            options["password"] = value
-        elif key == "ssl":
-            options["ssl"] = value.lower() == "true"
-    return redis.Redis(
-        host=host, port=int(port), socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1), **options
-    )
 
 
 def materialize(settings: Settings, start: datetime | None, end: datetime | None = None) -> datetime:

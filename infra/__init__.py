@@ -1,1 +1,1 @@
-"""Composition root: settings, the `osmf` command, embedded stack, simulator, replay."""
+"""Ground floor: settings, process helpers, the embedded broker and S3 store, Kafka I/O, wire contracts. Imports no other room."""

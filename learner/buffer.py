@@ -6,7 +6,7 @@ keeps one entry per (group, product, winner, loser), the latest. When full,
 the oldest entries go first. Held-out pairs for the gate are chosen by a hash
 of the pair's identity, so a pair never moves between training and held-out.
 
->>> from streams.messages import PreferencePair
+>>> from infra.contracts.messages import PreferencePair
 >>> buffer = PairBuffer(capacity=10, half_life_s=60)
 >>> buffer.add(PreferencePair(pair_id="x", ts=0, group_id="g", category="c", product_id="p",
 ...     winner_creative_id="w", loser_creative_id="l", winner_prompt="a", loser_prompt="b",
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streams.messages import PreferencePair
+from infra.contracts.messages import PreferencePair
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Logged traffic as the learner reads it: products, users, and one record per impression.
 
 The learner never sees the simulator or the stream worker. Whoever produces
-training data (``infra/logs.py`` from a simulated world or an event log)
+training data (``sim/logs.py`` from a simulated world or an event log)
 writes a :class:`TrafficLog`, a plain directory::
 
     log.json             format version and counts
@@ -12,7 +12,7 @@ writes a :class:`TrafficLog`, a plain directory::
 
 Group ids are those the stream worker's grouping assigned (e.g.
 ``lipstick/g2``); a prompt is the canonical creative-prompt text of
-``streams/prompt.py`` or null when unknown (replayed logs).
+``infra/contracts/prompt.py`` or null when unknown (replayed logs).
 
 >>> log = TrafficLog(
 ...     products={"p1": ProductRecord("p1", "mugs", "Enamel mug", 9.5)},

@@ -16,9 +16,9 @@ import numpy as np
 
 from infra.settings import GenerationSettings
 from learner.data import Cell, ProductRecord
-from learner.group_features import GroupFeatures
+from features.group import GroupFeatures
 from learner.model.gmllm import GMLLM, Generation
-from streams.prompt import CreativePrompt, random_prompt
+from infra.contracts.prompt import CreativePrompt, random_prompt
 
 
 def weighted_auc(scores: Sequence[float], positives: Sequence[float], negatives: Sequence[float]) -> float:

@@ -47,11 +47,11 @@ from pathlib import Path
 from infra.settings import LearnerSettings, Settings
 from learner.buffer import PairBuffer, TrainingTrigger
 from learner.data import ProductRecord
-from learner.group_features import GroupFeatures
+from features.group import GroupFeatures
 from learner.history import read_rounds
 from learner.model.gmllm import GMLLM
 from learner.round import RoundOutcome, ServedCTR, run_round
-from streams.messages import PreferencePair
+from infra.contracts.messages import PreferencePair
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def group_feature_source(
     The Feast online store is tried first when ``settings.features.enabled``
     and the store has been applied; groups it does not know (or every group,
     when it cannot be read) come from ``fallback`` (the base run's
-    :func:`learner.group_features.read_group_features`).
+    :func:`features.group.read_group_features`).
     """
     store_read = _store_reader(settings, reader)
     if store_read is None:
@@ -275,10 +275,10 @@ def _store_reader(settings: Settings, reader: object | None) -> Callable[[list[s
 
     if not is_applied(settings):
         return None
-    from learner import group_features
+    from features.group import store_group_features
 
     if reader is None:
         from features.read import FeatureReader
 
         reader = FeatureReader(settings)
-    return lambda ids: group_features.store_group_features(reader, ids)  # type: ignore[arg-type]
+    return lambda ids: store_group_features(reader, ids)  # type: ignore[arg-type]

@@ -9,17 +9,7 @@ task           input                                           target
 ``generate``   group prefix, product image + text              a logged creative prompt, drawn by its lift
 =============  ==============================================  ===============================================
 
-Examples come from the log's (group, product, prompt) cells. *Click*: every
-cell is one example whose target is its class-balanced click share
-``w·clicks / (w·clicks + non-clicks)``, drawn in proportion to its balanced
-weight ``w·clicks + non-clicks`` (``w`` = non-clicks / clicks over the log),
-which is the impression-level log-loss with balanced classes. *Generate*: a
-cell is drawn with weight ``impressions × lift^sharpness`` where ``lift`` is
-the cell's smoothed CTR over its group's CTR, so the model learns to write
-what the group clicked. The smoothing shrinks a cell's CTR towards what the
-group's per-attribute lifts predict for that creative (a cell holds a few
-clicks; an attribute of a group thousands), with ``PRIOR_CLICKS`` pseudo-clicks. Group prefixes are read at several points of the log
-(``feature_snapshots``) so that the model does not depend on exact numbers.
+The examples and their weights are drawn as :mod:`learner.corpus` describes.
 Every step trains one task, drawn from the mixture; the loss of each task is
 logged and plotted.
 """
@@ -40,48 +30,22 @@ import numpy as np
 import torch
 
 from infra.settings import LearnerSettings, PretrainSettings
-from learner.data import Cell, TrafficLog
-from learner.group_features import GroupFeatures, creative_attributes, read_group_features
+from learner.corpus import (  # noqa: F401 - the data half of pre-training, re-exported
+    PRIOR_CLICKS,
+    PretrainData,
+    attribute_lift,
+    feature_snapshots,
+    prepare_data,
+    pretraining_corpus,
+    split_holdout,
+)
+from learner.data import TrafficLog
 from learner.model.gmllm import GMLLM
 from learner.model.inputs import (
-    INSTRUCTIONS,
-    NO,
-    TASKS,
-    YES,
     group_description,
     product_description,
     task_segments,
 )
-
-PRIOR_CLICKS = 10.0
-"""Pseudo-clicks of the shrinkage of a cell's CTR towards its group's CTR (generation weights)."""
-
-
-@dataclass
-class _Pool:
-    """Items of one task and their sampling weights."""
-
-    items: list[tuple[Any, ...]]
-    weights: np.ndarray
-
-    def draw(self, rng: np.random.Generator, k: int) -> list[tuple[Any, ...]]:
-        index = rng.choice(len(self.items), size=k, p=self.weights)
-        return [self.items[i] for i in index]
-
-
-@dataclass
-class PretrainData:
-    """Everything pre-training samples from: feature snapshots, products, and per-task pools."""
-
-    snapshots: list[dict[str, GroupFeatures]]
-    snapshot_weights: np.ndarray
-    traffic: TrafficLog
-    pools: dict[str, _Pool]
-
-    @property
-    def features(self) -> dict[str, GroupFeatures]:
-        """Group features over the whole log (what the model is conditioned on after training)."""
-        return self.snapshots[-1]
 
 
 @dataclass
@@ -113,117 +77,6 @@ class PretrainResult:
             for task, loss in row["loss"].items():
                 first.setdefault(task, loss)
         return first
-
-
-def split_holdout(traffic: TrafficLog, fraction: float) -> tuple[TrafficLog, TrafficLog]:
-    """Split by time: the last ``fraction`` of the records (by timestamp) is held out."""
-    records = sorted(traffic.records, key=lambda r: r.ts)
-    cut = len(records) - int(round(fraction * len(records)))
-    return traffic.subset(records[:cut]), traffic.subset(records[cut:])
-
-
-def feature_snapshots(traffic: TrafficLog, count: int) -> list[dict[str, GroupFeatures]]:
-    """Group features read on the first 1/count, 2/count, … of the log (the last one is the whole log)."""
-    records = sorted(traffic.records, key=lambda r: r.ts)
-    snapshots = []
-    for k in range(1, count + 1):
-        part = records[: max(1, round(len(records) * k / count))]
-        snapshots.append(read_group_features(traffic.subset(part)))
-    return snapshots
-
-
-def prepare_data(traffic: TrafficLog, settings: PretrainSettings) -> PretrainData:
-    """Feature snapshots and the example pools of the four tasks."""
-    snapshots = feature_snapshots(traffic, settings.feature_snapshots)
-    if len(snapshots) == 1:
-        snapshot_weights = np.ones(1)
-    else:  # the whole-log features weigh 40 %, the earlier snapshots share the rest
-        snapshot_weights = np.full(len(snapshots), 0.6 / (len(snapshots) - 1))
-        snapshot_weights[-1] = 0.4
-    full = snapshots[-1]
-    cells = traffic.cells()
-    pools: dict[str, _Pool] = {}
-    groups = sorted(full)
-    if groups:
-        pools["group"] = _Pool([(g,) for g in groups], np.full(len(groups), 1.0 / len(groups)))
-    products = sorted(p for p in traffic.products)
-    if products:
-        pools["product"] = _Pool([(p,) for p in products], np.full(len(products), 1.0 / len(products)))
-    click_items, click_weights = _click_items(cells, full, settings.click_prior_clicks)
-    if click_items:
-        pools["click"] = _Pool(click_items, click_weights)
-    generate_items, generate_weights = _generate_items(cells, full, settings.generate_sharpness)
-    if generate_items:
-        pools["generate"] = _Pool(generate_items, generate_weights)
-    return PretrainData(snapshots, snapshot_weights, traffic, pools)
-
-
-def _click_items(
-    cells: dict[tuple[str, str, str], Cell], features: dict[str, GroupFeatures], prior_clicks: float
-) -> tuple[list[tuple[Any, ...]], np.ndarray]:
-    clicks = sum(c.clicks for c in cells.values())
-    shown = sum(c.impressions for c in cells.values())
-    if clicks == 0 or clicks == shown:
-        return [], np.zeros(0)
-    balance = (shown - clicks) / clicks
-    items, weights = [], []
-    for (group, product, prompt), cell in cells.items():
-        observed = float(cell.clicks)
-        if prior_clicks > 0 and group in features and features[group].ctr > 0:
-            g = features[group]
-            prior = g.ctr * attribute_lift(g, prompt)
-            rate = (cell.clicks + prior_clicks * prior / g.ctr) / (cell.impressions + prior_clicks / g.ctr)
-            observed = rate * cell.impressions
-        positive = balance * observed
-        negative = cell.impressions - observed
-        items.append((group, product, prompt, positive / (positive + negative)))
-        weights.append(positive + negative)
-    w = np.array(weights, dtype=np.float64)
-    return items, w / w.sum()
-
-
-def _generate_items(
-    cells: dict[tuple[str, str, str], Cell], features: dict[str, GroupFeatures], sharpness: float
-) -> tuple[list[tuple[Any, ...]], np.ndarray]:
-    items, log_weights = [], []
-    for (group, product, prompt), cell in cells.items():
-        group_ctr = features[group].ctr if group in features else 0.0
-        if group_ctr <= 0:
-            continue
-        prior_lift = attribute_lift(features[group], prompt)
-        smoothed = (cell.clicks + PRIOR_CLICKS * prior_lift) / (cell.impressions + PRIOR_CLICKS / group_ctr)
-        items.append((group, product, prompt))
-        log_weights.append(math.log(cell.impressions) + sharpness * math.log(smoothed / group_ctr))
-    if not items:
-        return [], np.zeros(0)
-    w = np.exp(np.array(log_weights) - max(log_weights))
-    return items, w / w.sum()
-
-
-def attribute_lift(features: GroupFeatures, prompt: str) -> float:
-    """The group's expected CTR lift for a creative from its per-attribute lifts (product, clipped to [1/4, 4])."""
-    log_lift = sum(math.log(features.lifts.get(token, 1.0)) for token in creative_attributes(prompt))
-    return math.exp(min(math.log(4.0), max(-math.log(4.0), log_lift)))
-
-
-def pretraining_corpus(traffic: TrafficLog, snapshots: list[dict[str, GroupFeatures]]) -> list[str]:
-    """Texts the tokenizer is trained on: group prefixes and descriptions, product texts, logged prompts."""
-    texts: list[str] = []
-    for snapshot in snapshots:
-        for features in snapshot.values():
-            texts += [features.to_text(), group_description(features)]
-    for product in traffic.products.values():
-        texts += ["".join(task_segments("generate", group="", product=product)), product_description(product)]
-    prompts = sorted({r.prompt for r in traffic.records if r.prompt is not None})
-    texts += prompts[:5000]
-    if traffic.products and snapshots[-1] and prompts:
-        product = next(iter(traffic.products.values()))
-        for features in snapshots[-1].values():
-            for prompt in prompts[:200]:
-                texts.append("".join(task_segments("click", group=features, product=product, creative=prompt)))
-    texts += [INSTRUCTIONS[task] for task in TASKS]
-    texts += [YES, NO] * 20
-    return texts
 
 
 class Pretrainer:
@@ -409,3 +262,101 @@ def write_run(
     summary_file = root / "summary.json"
     summary_file.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     return {"model": model_dir, "history": history, "plot": plot, "summary": summary_file}
+
+
+@dataclass
+class PretrainReport:
+    """What :func:`run_pretraining` did: the run's figures, its files and one example prompt per group."""
+
+    summary: dict[str, Any]
+    files: dict[str, Path]
+    result: PretrainResult
+    examples: dict[str, str]
+    auc: float
+    parse_rates: dict[str, tuple[float, int]]
+    """Label -> (parse rate, number of samples) for raw and constrained sampling."""
+
+
+def run_pretraining(
+    log: TrafficLog,
+    settings: LearnerSettings,
+    run_dir: str | Path,
+    *,
+    holdout: float = 0.1,
+    source: str = "",
+    save_traffic: bool = True,
+    on_step: Callable[[int, str, float], None] | None = None,
+    echo: Callable[[str], None] = print,
+) -> PretrainReport:
+    """Pre-train on ``log``, measure the result and save the run under ``run_dir`` (``osmf learner pretrain``).
+
+    The last ``holdout`` share of the log (by time) is held out for the click
+    AUC; raw and constrained sampling are measured on two products per group.
+    """
+    from learner.evaluate import click_auc, parse_rate
+
+    train_log, held_log = split_holdout(log, holdout) if holdout > 0 else (log, log.subset([]))
+    echo(f"[1/4] log: {source}; {len(train_log.records):,} records for training, "
+         f"{len(held_log.records):,} held out; groups: {', '.join(train_log.groups())}")
+    with torch_threads(settings.threads):
+        data = prepare_data(train_log, settings.pretrain)
+        gmllm = GMLLM.build(settings.model, corpus=pretraining_corpus(train_log, data.snapshots),
+                            seed=settings.pretrain.seed)
+        params = sum(p.numel() for p in gmllm.model.parameters())
+        echo(f"[2/4] model: {gmllm.info.get('base')}, {params / 1e6:.2f}M parameters, "
+             f"vocabulary {len(gmllm.tokenizer)}, {gmllm.image_tokens} image tokens")
+        result = Pretrainer(gmllm, data, settings.pretrain).train(on_step)
+        held_cells = held_log.cells()
+        auc = click_auc(gmllm, data.features, train_log.products, held_cells)[0] if held_cells else float("nan")
+        samples, examples = _sample_prompts(gmllm, data, train_log, settings)
+    temperature = settings.generation.temperature
+    rates = {
+        "raw sampling T=1": (parse_rate(samples["raw_t1"]), len(samples["raw_t1"])),
+        f"raw sampling T={temperature:g}": (parse_rate(samples["raw"]), len(samples["raw"])),
+        "constrained": (parse_rate(samples["constrained"]), len(samples["constrained"])),
+    }
+    summary = {
+        "source": source,
+        "records_train": len(train_log.records),
+        "records_held_out": len(held_log.records),
+        "groups": train_log.groups(),
+        "parameters": params,
+        "steps": result.steps,
+        "train_seconds": round(result.seconds, 1),
+        "steps_per_s": round(result.steps_per_s, 3),
+        "peak_rss_mb": round(result.peak_rss_mb, 1),
+        "held_out_click_auc": round(auc, 4),
+        "raw_parse_rate": round(parse_rate(samples["raw"]), 4),
+        "raw_parse_rate_t1": round(parse_rate(samples["raw_t1"]), 4),
+        "sampling_temperature": temperature,
+        "constrained_parse_rate": round(parse_rate(samples["constrained"]), 4),
+        "tasks": settings.pretrain.tasks,
+        "first_losses": result.first_losses(),
+        "final_losses": result.final_losses(),
+    }
+    files = write_run(run_dir, gmllm, result, summary)
+    if save_traffic:
+        train_log.save(Path(run_dir) / "traffic")
+    echo(f"[4/4] saved the model to {files['model']} and the loss plot to {files['plot']}")
+    return PretrainReport(summary, files, result, examples, auc, rates)
+
+
+def _sample_prompts(
+    gmllm: GMLLM, data: PretrainData, log: TrafficLog, settings: LearnerSettings
+) -> tuple[dict[str, list[Any]], dict[str, str]]:
+    """Raw (T=1 and the serving temperature) and constrained samples for two products per group; one example each."""
+    pairs = [(g, p) for g, f in sorted(data.features.items())
+             for p in sorted(pid for pid, prod in log.products.items() if prod.category == f.category)[:2]]
+    temperature, limit = settings.generation.temperature, settings.generation.max_new_tokens
+    samples: dict[str, list[Any]] = {"raw": [], "raw_t1": [], "constrained": []}
+    examples: dict[str, str] = {}
+    for group, product in pairs:
+        features, record = data.features[group], log.products[product]
+        samples["raw_t1"] += gmllm.generate(features, record, n=4, seed=1, temperature=1.0, constrained=False,
+                                            max_new_tokens=limit)
+        samples["raw"] += gmllm.generate(features, record, n=4, seed=1, temperature=temperature, constrained=False,
+                                         max_new_tokens=limit)
+        made = gmllm.generate(features, record, n=4, seed=1, temperature=temperature, max_new_tokens=limit)
+        samples["constrained"] += made
+        examples.setdefault(group, made[0].text)
+    return samples, examples

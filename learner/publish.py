@@ -1,6 +1,6 @@
 """Publish a model version into the model repository, atomically.
 
-Layout (the one Triton reads, DESIGN.md §3)::
+Layout (the one Triton reads, docs/architecture.md §3)::
 
     <repo>/<model>/<n>/...        one directory per version, n = 1, 2, ...
     <repo>/<model>/LATEST.json    {"version": n, "published_at": ..., ...} (announcement)

@@ -35,7 +35,7 @@ from learner.data import ProductRecord
 from learner.dpo.heldout import heldout_figures
 from learner.dpo.train import fit_group_dpo
 from learner.gate import GateConfig, GateDecision, GroupFigures, decide
-from learner.group_features import GroupFeatures
+from features.group import GroupFeatures
 from learner.history import RoundRecord, append_round
 from learner.model.artifact import verify_artifact
 from learner.model.gmllm import GMLLM

@@ -1,1 +1,1 @@
-"""Serving room: Triton model repository, server process, client."""
+"""Serving room: renderers, Triton model repository, server process, client for ad systems."""

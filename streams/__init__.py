@@ -1,1 +1,1 @@
-"""Stream processing room: the event contract, the Faust app, grouping, CTR, pairs, drift."""
+"""Stream processing room: the Faust worker, grouping, CTR, pairs, drift; pushes features to Feast."""

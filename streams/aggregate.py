@@ -33,16 +33,16 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from features.rows import group_preferences_row, group_profile_row, product_row, user_group_row
 from streams.ctr import CreativeStats
 from streams.drift import DriftMonitor
-from streams.events import Impression
+from infra.contracts.events import Impression
 from streams.grouping import GroupInfo, ProductAwareGrouper
-from streams.messages import DriftAlert, PreferencePair
+from infra.contracts.messages import DriftAlert, PreferencePair
 from streams.pairs import PairMiner
-from streams.prompt import PromptError, parse_prompt
+from infra.contracts.prompt import PromptError, parse_prompt
 
 Store = MutableMapping[str, Any]
 
@@ -151,7 +151,8 @@ class AggregateStage:
         Drift labels of impressions from before a restart are not replayed.
         """
         self._expiry.clear()
-        entries = sorted((v[3], k, v[5]) for k, v in list(self.stores.assigned.items()))
+        entries = sorted((row.ts, k, row.category) for k, row in
+                         ((k, Assigned(*v)) for k, v in list(self.stores.assigned.items())))
         for ts, impression_id, category in entries:
             self._expiry[category].append((ts, impression_id))
             self._watermark[category] = max(self._watermark[category], ts)
@@ -178,7 +179,7 @@ class AggregateStage:
                 self.counters.duplicates += 1
                 continue
             group = grouper.learn_and_assign(category, user, creative)
-            assigned[event_id] = [group, product, creative, ts, 0, category, user]
+            assigned[event_id] = list(Assigned(group, product, creative, ts, 0, category, user))
             self._expiry[category].append((ts, event_id))
             self._labels[category].append((ts, event_id))
             user_key = f"{category}|{user_id}"
@@ -192,13 +193,14 @@ class AggregateStage:
             self._watermark[category] = max(self._watermark[category], ts)
             self.counters.impressions += 1
         for impression_id, ts in batch.clicks:
-            entry = assigned.get(impression_id)
-            if entry is None or entry[4]:
+            stored = assigned.get(impression_id)
+            if stored is None or Assigned(*stored).clicked:
                 self.counters.duplicates += 1
                 continue
-            group, product, creative, imp_ts = entry[:4]
-            assigned[impression_id] = [group, product, creative, imp_ts, 1, category, entry[6]]
-            grouper.learn_click(category, entry[6], creative)
+            entry = Assigned(*stored)._replace(clicked=1)
+            group, product, creative = entry.group, entry.product, entry.creative
+            assigned[impression_id] = list(entry)
+            grouper.learn_click(category, entry.user, creative)
             prompt = self._prompt_of(group, product, creative, ctr_delta)
             _bump(ctr_delta[(group, product)], creative, 1, prompt)
             for name in _attribute_names(prompt):
@@ -231,22 +233,23 @@ class AggregateStage:
     def creative_stats(self, group: str, product: str) -> dict[str, tuple[CreativeStats, str | None]]:
         """Counts and prompt of every creative of (group, product)."""
         row = self.stores.ctr.get(f"{group}|{product}") or {}
-        return {c: (CreativeStats(v[0], v[1]), v[2]) for c, v in row.items()}
+        return {c: (CreativeStats(r.impressions, r.clicks), r.prompt) for c, r in
+                ((c, CreativeRow(*v)) for c, v in row.items())}
 
     def _prompt_of(self, group: str, product: str, creative: str, delta: dict) -> str | None:
         pending = delta.get((group, product), {}).get(creative)
         if pending is not None:
             return pending[2]
         row = self.stores.ctr.get(f"{group}|{product}") or {}
-        return row.get(creative, [0, 0, None])[2]
+        return CreativeRow(*row.get(creative, (0, 0, None))).prompt
 
     def _apply_deltas(self, ctr_delta: dict, attr_delta: dict) -> None:
         for (group, product), creatives in ctr_delta.items():
             key = f"{group}|{product}"
             row = dict(self.stores.ctr.get(key) or {})
             for creative, (imps, clicks, prompt) in creatives.items():
-                old = row.get(creative, [0, 0, prompt])
-                row[creative] = [old[0] + imps, old[1] + clicks, old[2] or prompt]
+                old = CreativeRow(*row.get(creative, (0, 0, prompt)))
+                row[creative] = list(CreativeRow(old.impressions + imps, old.clicks + clicks, old.prompt or prompt))
             self.stores.ctr[key] = row
         for group, names in attr_delta.items():
             row = dict(self.stores.attr_ctr.get(group) or {})
@@ -265,10 +268,11 @@ class AggregateStage:
         alerts = []
         while labels and labels[0][0] < edge:
             ts, impression_id = labels.popleft()
-            entry = self.stores.assigned.get(impression_id)
-            if entry is None:
+            stored = self.stores.assigned.get(impression_id)
+            if stored is None:
                 continue
-            alert = self.drift.update(entry[0], category, bool(entry[4]), ts)
+            entry = Assigned(*stored)
+            alert = self.drift.update(entry.group, category, bool(entry.clicked), ts)
             if alert is not None:
                 alerts.append(alert)
         return alerts
@@ -279,6 +283,27 @@ class AggregateStage:
         while expiry and expiry[0][0] < edge:
             _, impression_id = expiry.popleft()
             self.stores.assigned.pop(impression_id, None)
+
+
+
+class Assigned(NamedTuple):
+    """A row of the ``assigned`` table: an impression awaiting its click (stored as a list in the changelog)."""
+
+    group: str
+    product: str
+    creative: str
+    ts: int
+    clicked: int
+    category: str
+    user: dict[str, Any]
+
+
+class CreativeRow(NamedTuple):
+    """A creative's counts in the ``ctr`` table (stored as a list in the changelog)."""
+
+    impressions: int
+    clicks: int
+    prompt: str | None
 
 
 def _bump(row: dict[str, list[Any]], key: str, clicked: int, prompt: str | None) -> None:

@@ -32,6 +32,8 @@ import faust
 from faust.streams import _current_event
 from faust.types import EventT, StreamT
 
+from infra.contracts.messages import dead_letter_bytes
+from infra.contracts.messages import to_bytes as message_bytes
 from infra.settings import Settings
 from streams import metrics
 from streams.aggregate import AggregateConfig, AggregateStage, AggregateStores, FeatureFeed, OutcomeBatch
@@ -39,8 +41,6 @@ from streams.drift import DriftMonitor
 from streams.grouping import GroupingConfig, ProductAwareGrouper
 from streams.ingest import BatchResult, IngestConfig, IngestStage
 from streams.journal import JournalStore
-from streams.messages import DeadLetter
-from streams.messages import to_bytes as message_bytes
 from streams.pairs import PairMiner, PairMinerConfig
 
 log = logging.getLogger(__name__)
@@ -214,15 +214,11 @@ class Worker:
             return
         for rejected in result.rejected:
             message = part_events[rejected.position].message
-            letter = DeadLetter.from_error(
-                rejected.error,
-                rejected.raw,
-                source_topic=message.topic,
-                partition=message.partition,
+            letter = dead_letter_bytes(
+                rejected.error, rejected.raw, source_topic=message.topic, partition=message.partition,
                 offset=message.offset,
-                ts=int(time.time() * 1000),
             )
-            await self.dead_letter_topic.send(key=message.key, value=message_bytes(letter))
+            await self.dead_letter_topic.send(key=message.key, value=letter)
             metrics.DEAD_LETTERED.labels(rejected.error.field).inc()
 
     async def _aggregate_agent(self, stream: StreamT) -> None:

@@ -3,7 +3,7 @@
 Each attributed impression is one observation, 1 if it was clicked. When the
 group's detector fires (and the group has seen ``min_observations`` and is out
 of its ``cooldown_ms``), :meth:`DriftMonitor.update` returns a
-:class:`~streams.messages.DriftAlert` with the CTR before and after the change.
+:class:`~infra.contracts.messages.DriftAlert` with the CTR before and after the change.
 
 Those two estimates do not depend on the detector: the monitor keeps the
 group's cumulative (observations, clicks) every ``checkpoint_every``
@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from streams.messages import DriftAlert, alert_id
+from infra.contracts.messages import DriftAlert, alert_id
 
 DETECTORS: dict[str, tuple[str, str, bool]] = {
     "adwin": ("river.drift", "ADWIN", False),

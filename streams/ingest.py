@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
-from streams.events import Click, EventError, Impression, parse_event
+from infra.contracts.events import Click, EventError, Impression, parse_event
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class IngestStage:
 
     Examples
     --------
-    >>> from streams.events import to_bytes
+    >>> from infra.contracts.events import to_bytes
     >>> stage = IngestStage(IngestConfig(), seen={}, index={})
     >>> imp = Impression(event_id="i1", ts=1000, user_id="u1", user={}, product_id="p1",
     ...     category="drill", product={}, creative_id="c1", prompt=None, model_version="m", placement="feed")

@@ -40,7 +40,7 @@ from itertools import combinations
 import numpy as np
 
 from streams.ctr import CreativeStats
-from streams.messages import PreferencePair, pair_id
+from infra.contracts.messages import PreferencePair, pair_id
 
 EXACT_MAX_TERMS = 256
 """The exact sum is used while the smallest Beta parameter is at most this; above, Edgeworth (error < 3e-4)."""
@@ -209,7 +209,7 @@ class PairMinerConfig:
 
 
 class PairMiner:
-    """Turns per-group creative counters into :class:`~streams.messages.PreferencePair` messages.
+    """Turns per-group creative counters into :class:`~infra.contracts.messages.PreferencePair` messages.
 
     State is the highest evidence level emitted per (group, product, winner,
     loser), at most ``config.max_tracked`` keys; the miner pickles. A check of an

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from streams.kafka import consume_all
+from infra.kafka import consume_all
 
 
 def changelog_topic(app_id: str, table: str) -> str:

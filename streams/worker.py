@@ -27,7 +27,7 @@ def run_worker(settings: Settings, index: int = 1, loglevel: str = "warning") ->
     from prometheus_client import start_http_server
 
     from streams.app import Worker
-    from streams.kafka import ensure_topics, wait_for_kafka
+    from infra.kafka import ensure_topics, wait_for_kafka
 
     wait_for_kafka(settings.bootstrap_servers, timeout_s=30)
     ensure_topics(settings.bootstrap_servers, settings.topics.all_names(), settings.topics.partitions)
@@ -57,7 +57,7 @@ def spawn_workers(count: int, extra_args: Sequence[str] = ()) -> int:
     """
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "infra.cli", "worker", "-n", "1", "--index", str(i), *extra_args],
+            [sys.executable, "-m", "cli.main", "worker", "-n", "1", "--index", str(i), *extra_args],
             env={**os.environ, WORKER_INDEX_ENV: str(i)},
         )
         for i in range(1, count + 1)

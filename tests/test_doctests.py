@@ -6,8 +6,8 @@ import importlib
 import pytest
 
 MODULES = [
-    "streams.events",
-    "streams.prompt",
+    "infra.contracts.events",
+    "infra.contracts.prompt",
     "streams.ingest",
     "streams.journal",
     "streams.ctr",

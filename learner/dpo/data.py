@@ -11,7 +11,7 @@ In one-size-fits-all mode every pair gets the same neutral prefix
 (:func:`one_size_prefix`, the category only), so the model cannot tell
 groups apart: the baseline Group-DPO must beat.
 
->>> from streams.messages import PreferencePair
+>>> from infra.contracts.messages import PreferencePair
 >>> from learner.data import ProductRecord
 >>> pair = PreferencePair(pair_id="x", ts=0, group_id="mugs/g0", category="mugs", product_id="p1",
 ...     winner_creative_id="w", loser_creative_id="l", winner_prompt="A", loser_prompt="B",
@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from learner.data import ProductRecord, TrafficLog
-from learner.group_features import GroupFeatures
+from features.group import GroupFeatures
 from learner.model.inputs import generation_input
 from streams.ctr import CreativeStats
-from streams.messages import PreferencePair
+from infra.contracts.messages import PreferencePair
 from streams.pairs import PairMiner, PairMinerConfig
 
 

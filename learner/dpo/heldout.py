@@ -20,9 +20,9 @@ import numpy as np
 from learner.data import ProductRecord
 from learner.dpo.data import pair_group, usable_pairs
 from learner.gate import GroupFigures
-from learner.group_features import GroupFeatures
+from features.group import GroupFeatures
 from learner.model.gmllm import GMLLM
-from streams.messages import PreferencePair
+from infra.contracts.messages import PreferencePair
 
 
 def pair_logprobs(

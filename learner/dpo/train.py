@@ -22,9 +22,9 @@ from infra.settings import DPOSettings
 from learner.data import ProductRecord
 from learner.dpo.config import GroupDPOConfig
 from learner.dpo.data import preference_dataset, usable_pairs
-from learner.group_features import GroupFeatures
+from features.group import GroupFeatures
 from learner.model.gmllm import GMLLM
-from streams.messages import PreferencePair
+from infra.contracts.messages import PreferencePair
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Model artifacts: one directory per version, safetensors + JSON + tokenizer + a sha256 manifest.
 
-Layout (DESIGN.md §3)::
+Layout (docs/architecture.md §3)::
 
     config.json  generation_config.json  model.safetensors
     tokenizer.json  tokenizer_config.json  processor_config.json

@@ -38,14 +38,14 @@ import torch
 
 from infra.settings import ModelSettings
 from learner.data import ProductRecord
-from learner.group_features import GroupFeatures
+from features.group import GroupFeatures
 from learner.model import grammar
 from learner.model.artifact import ARTIFACT_FORMAT, read_info, verify_artifact, write_artifact
 from learner.model.inputs import IMAGE_TOKEN, NO, YES, task_input, task_segments
-from streams.prompt import CreativePrompt, PromptError, parse_prompt
+from infra.contracts.prompt import CreativePrompt, PromptError, parse_prompt
 
-PROMPT_FORMAT = "streams.prompt/canonical-v1"
-"""Identifier of the output format (the canonical prompt text of ``streams/prompt.py``)."""
+PROMPT_FORMAT = "infra.contracts.prompt/canonical-v1"
+"""Identifier of the output format (the canonical prompt text of ``infra/contracts/prompt.py``)."""
 CANDIDATES_CHECKED = 64
 """Constrained decoding checks this many most likely tokens before scanning the whole vocabulary."""
 

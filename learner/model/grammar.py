@@ -1,7 +1,7 @@
 """The creative-prompt grammar as a prefix test, for constrained decoding.
 
 :func:`prefix_ok` says whether a text can still be completed into a prompt
-that :func:`streams.prompt.parse_prompt` accepts; :func:`complete` whether it
+that :func:`infra.contracts.prompt.parse_prompt` accepts; :func:`complete` whether it
 already is one. A decoder that only picks tokens keeping ``prefix_ok`` true,
 and stops only when ``complete`` is true, always writes a valid prompt.
 
@@ -19,7 +19,7 @@ import itertools
 import re
 from functools import lru_cache
 
-from streams.prompt import (
+from infra.contracts.prompt import (
     BACKGROUNDS,
     COLORS,
     FIELDS,
@@ -121,7 +121,7 @@ def _copy_end(text: str, start: int) -> int:
 
 @lru_cache(maxsize=200_000)
 def complete(text: str) -> bool:
-    """True when ``text`` is a whole canonical prompt (what :func:`~streams.prompt.parse_prompt` accepts)."""
+    """True when ``text`` is a whole canonical prompt (what :func:`~infra.contracts.prompt.parse_prompt` accepts)."""
     try:
         parsed = parse_prompt(text)
     except PromptError:

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from learner.data import ProductRecord
-from learner.group_features import GroupFeatures, creative_attributes
-from streams.prompt import COLORS
+from features.group import GroupFeatures, creative_attributes
+from infra.contracts.prompt import COLORS
 
 TASKS: tuple[str, ...] = ("group", "click", "product", "generate")
 """The four pre-training tasks: group analysis, click-behaviour prediction, product comprehension,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 
-from streams.prompt import BACKGROUNDS, COLORS, POSITIONS, STYLE_WORDS, random_prompt
+from infra.contracts.prompt import BACKGROUNDS, COLORS, POSITIONS, STYLE_WORDS, random_prompt
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 IMAGE = "<image>"

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from features.read import FeatureReader
 from features.rows import user_group_row
 from features.sink import FeastSink
-from infra.cli_features import features_app
+from cli.features import features_app
 from infra.settings import load_settings
 
 runner = CliRunner()
@@ -87,7 +87,7 @@ def test_a_bad_setting_is_one_line(data_dir: Path, monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.parametrize("args", [["features"], ["features", "apply"], ["features", "status"], ["features", "materialize"]])
 def test_the_osmf_command_has_the_features_commands(args: list[str]) -> None:
-    from infra.cli import BENCHMARKS, app
+    from cli.main import BENCHMARKS, app
 
     result = runner.invoke(app, [*args, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output

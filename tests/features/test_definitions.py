@@ -96,5 +96,5 @@ def test_apply_is_idempotent_and_the_feast_cli_reads_the_generated_config(tmp_pa
 
 
 def test_osmf_help_does_not_import_feast() -> None:
-    code = "import sys, infra.cli; assert 'feast' not in sys.modules and 'features.store' not in sys.modules"
+    code = "import sys, cli.main; assert 'feast' not in sys.modules and 'features.store' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)

@@ -9,15 +9,15 @@ import pytest
 
 from features.rows import group_preferences_from_tables, group_preferences_row, product_row
 from features.schema import VIEWS, validate_row
-from infra.world.simulate import generate_events
-from infra.world.world import World
+from sim.simulate import generate_events
+from sim.world import World
 from streams.aggregate import AggregateConfig, AggregateStage, AggregateStores, FeatureFeed, OutcomeBatch
 from streams.drift import DriftMonitor
-from streams.events import Impression
+from infra.contracts.events import Impression
 from streams.grouping import GroupingConfig, ProductAwareGrouper
 from streams.pairs import PairMiner, PairMinerConfig
 
-WORLD_A = Path(__file__).resolve().parents[2] / "infra" / "world" / "examples" / "world_a.yaml"
+WORLD_A = Path(__file__).resolve().parents[2] / "sim" / "examples" / "world_a.yaml"
 
 
 class Online:

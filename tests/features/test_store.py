@@ -50,7 +50,7 @@ def test_read_api_round_trip_with_explicit_missing(store) -> None:
     assert pusher.flush(30), pusher.counters
 
     reader = FeatureReader(settings)
-    got = reader.read_group_features(["lipstick/g1", "lipstick/g2", "lipstick/g99", "lipstick/g1"])
+    got = reader.read_group_rows(["lipstick/g1", "lipstick/g2", "lipstick/g99", "lipstick/g1"])
     assert got.found.tolist() == [True, False, False, True]
     assert got.found_profile.tolist() == [True, True, False, True]
     assert got.missing == ["lipstick/g2", "lipstick/g99"]
@@ -93,16 +93,16 @@ def test_the_cache_drops_exactly_what_a_push_changed(store) -> None:
         return real_fetch(views, keys)
 
     reader._fetch = counting_fetch  # noqa: SLF001
-    assert reader.read_group_features(groups).member_count.tolist() == [1.0] * 20
-    assert reader.read_group_features(groups).member_count.tolist() == [1.0] * 20
+    assert reader.read_group_rows(groups).member_count.tolist() == [1.0] * 20
+    assert reader.read_group_rows(groups).member_count.tolist() == [1.0] * 20
     assert fetched == [20], "the second read is served from the cache"
     pusher.submit("group_profile", [_profile("drill/g3", 99)], T0 + 1)
     assert pusher.flush(30)
-    counts = reader.read_group_features(groups).member_count
+    counts = reader.read_group_rows(groups).member_count
     assert counts[3] == 99.0 and counts.sum() == 19 + 99
     assert fetched == [20, 1], "only the pushed group is read again"
     other = FeatureReader(settings, cache=False)
-    assert other.read_group_features(["drill/g3"]).member_count[0] == 99.0
+    assert other.read_group_rows(["drill/g3"]).member_count[0] == 99.0
 
 
 def test_cached_reads_of_100_groups_are_stable(store) -> None:
@@ -113,8 +113,8 @@ def test_cached_reads_of_100_groups_are_stable(store) -> None:
                   [group_preferences_row(g, prompts={"p": (10, 1)}, attributes={"a=b": (10, 1)}) for g in groups], T0)
     assert pusher.flush(30)
     reader = FeatureReader(settings)
-    first = reader.read_group_features(groups)
-    again = reader.read_group_features(groups)  # served from the cache (speed: `osmf bench feature-read`)
+    first = reader.read_group_rows(groups)
+    again = reader.read_group_rows(groups)  # served from the cache (speed: `osmf bench feature-read`)
     assert repr(first) == repr(again)
 
 
@@ -122,9 +122,9 @@ def test_read_arguments_are_checked(store) -> None:
     settings, _ = store
     reader = FeatureReader(settings)
     with pytest.raises(FeatureReadError, match="group_ids: give a list of ids, not one string"):
-        reader.read_group_features("lipstick/g1")
+        reader.read_group_rows("lipstick/g1")
     with pytest.raises(FeatureReadError, match=r"group_ids\[1\]: ids are non-empty strings, got 3"):
-        reader.read_group_features(["a", 3])
+        reader.read_group_rows(["a", 3])
     with pytest.raises(FeatureReadError, match="category: must be a non-empty string"):
         reader.resolve_group("u1", "")
 
@@ -132,7 +132,7 @@ def test_read_arguments_are_checked(store) -> None:
 def test_reading_a_store_never_applied_says_what_to_run(tmp_path: Path) -> None:
     reader = FeatureReader(store_settings(tmp_path, "sqlite", "never"))
     with pytest.raises(FeatureStoreError, match="run `osmf features apply`"):
-        reader.read_group_features(["x/g0"])
+        reader.read_group_rows(["x/g0"])
 
 
 def test_a_failing_store_counts_failed_pushes_keeps_the_rows_and_never_blocks(tmp_path: Path) -> None:

@@ -13,16 +13,16 @@ from pathlib import Path
 
 from features.read import FeatureReader
 from features.rows import group_preferences_from_tables
-from infra.world.simulate import generate_events
-from infra.world.world import World
-from streams.events import Impression
-from streams.kafka import produce_events
+from sim.simulate import generate_events
+from sim.world import World
+from infra.contracts.events import Impression
+from infra.kafka import produce_events
 
 from helpers.worker_harness import WorkerRun, expected_counts, isolated_run, table_counts
 
 from .conftest import REDIS_URL
 
-WORLD_A = Path(__file__).resolve().parents[2] / "infra" / "world" / "examples" / "world_a.yaml"
+WORLD_A = Path(__file__).resolve().parents[2] / "sim" / "examples" / "world_a.yaml"
 
 
 def _mismatches(run: WorkerRun, reader: FeatureReader, products: dict[str, dict]) -> list[str]:
@@ -37,7 +37,7 @@ def _mismatches(run: WorkerRun, reader: FeatureReader, products: dict[str, dict]
     if not known:
         return ["the worker knows no groups yet"]
     ids = sorted(known)
-    online = reader.read_group_features(ids)
+    online = reader.read_group_rows(ids)
     if online.missing:
         problems.append(f"groups without online features: {online.missing}")
     by_group: dict[str, dict] = {}

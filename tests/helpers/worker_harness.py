@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.settings import Settings, load_settings
-from streams.events import Click, Impression
-from streams.kafka import ensure_topics
+from infra.contracts.events import Click, Impression
+from infra.kafka import ensure_topics
 from streams.tables import read_table
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ class WorkerRun:
         log = open(self.settings.data_dir / f"worker-{len(self.procs)}.log", "ab")
         self.procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "infra.cli", "worker", "-n", str(workers)],
+                [sys.executable, "-m", "cli.main", "worker", "-n", str(workers)],
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         )

@@ -15,8 +15,8 @@ import pytest
 from infra import _proc, broker, s3store
 from infra.broker import BrokerError, broker_status, start_broker, stop_broker
 from infra.settings import Settings, TopicSettings, load_settings
-from streams.events import Click, Impression, parse_event, to_bytes
-from streams.kafka import (
+from infra.contracts.events import Click, Impression, parse_event, to_bytes
+from infra.kafka import (
     KafkaIOError,
     consume_all,
     ensure_topics,

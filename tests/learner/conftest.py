@@ -10,7 +10,7 @@ from PIL import Image
 
 from infra.settings import ModelSettings
 from learner.data import ProductRecord, TrafficLog, TrafficRecord
-from streams.prompt import random_prompt
+from infra.contracts.prompt import random_prompt
 
 TINY_MODEL = ModelSettings(
     vocab_size=500, hidden_size=48, layers=2, heads=4, intermediate_size=96,

@@ -8,7 +8,7 @@ import yaml
 
 from bench.common import BenchOptions
 
-WORLD_B = Path(__file__).resolve().parents[2] / "infra" / "world" / "examples" / "world_b.yaml"
+WORLD_B = Path(__file__).resolve().parents[2] / "sim" / "examples" / "world_b.yaml"
 
 
 def _unseen_world(tmp_path: Path) -> Path:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from learner.buffer import PairBuffer, TrainingTrigger
 from learner.history import RoundRecord, append_round, read_rounds
-from streams.messages import PreferencePair
+from infra.contracts.messages import PreferencePair
 
 
 def _pair(ts: int, group: str = "g", winner: str = "w", level: int = 0) -> PreferencePair:

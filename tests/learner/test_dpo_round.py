@@ -11,7 +11,7 @@ from infra.settings import DPOSettings, ModelSettings
 from learner.dpo.data import one_size_prefix, pairs_from_traffic, preference_dataset, usable_pairs
 from learner.dpo.heldout import heldout_figures, pair_logprobs
 from learner.dpo.train import fit_group_dpo, fit_steps
-from learner.group_features import read_group_features
+from features.group import read_group_features
 from learner.model.gmllm import GMLLM
 from streams.pairs import PairMinerConfig
 

@@ -17,7 +17,7 @@ from learner.model import grammar
 from learner.model.artifact import ArtifactError, verify_artifact
 from learner.model.gmllm import GMLLM
 from learner.model.inputs import generation_input, task_input, task_segments
-from streams.prompt import parse_prompt, random_prompt
+from infra.contracts.prompt import parse_prompt, random_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,7 +118,7 @@ def test_save_load_generate_is_identical_for_the_same_seed(tiny_gmllm, tiny_log,
     manifest = json.loads((path / "manifest.json").read_text())
     assert set(manifest["files"]) == set(files) - {"manifest.json"}
     loaded = GMLLM.load(path)
-    assert loaded.info["note"] == "test" and loaded.info["prompt_format"].startswith("streams.prompt")
+    assert loaded.info["note"] == "test" and loaded.info["prompt_format"].startswith("infra.contracts.prompt")
     before = [g.text for g in tiny_gmllm.generate(GROUP, product, n=4, seed=11, max_new_tokens=120)]
     after = [g.text for g in loaded.generate(GROUP, product, n=4, seed=11, max_new_tokens=120)]
     assert before == after

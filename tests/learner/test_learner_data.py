@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from learner.data import TrafficError, TrafficLog
-from learner.group_features import ATTRIBUTE_VOCABULARY, creative_attributes, read_group_features
+from features.group import ATTRIBUTE_VOCABULARY, creative_attributes, read_group_features
 
 PINK, NAVY = "primary=pink", "primary=navy"
 
@@ -71,10 +71,10 @@ def test_creative_attributes_cover_every_field_and_reject_non_prompts() -> None:
 
 
 def test_world_traffic_is_grouped_like_the_worker_and_held_out_logs_reuse_the_groups() -> None:
-    from infra.logs import traffic_from_world
-    from infra.world.world import World
+    from sim.logs import traffic_from_world
+    from sim.world import World
 
-    world = World.load(Path(__file__).resolve().parents[2] / "infra" / "world" / "examples" / "world_a.yaml")
+    world = World.load(Path(__file__).resolve().parents[2] / "sim" / "examples" / "world_a.yaml")
     log, grouper = traffic_from_world(world, n_impressions=12_000, seed=0, creatives_per_product=4)
     assert len(log.records) == 12_000 and log.meta["world"] == "world_a"
     assert {r.category for r in log.records} == {"lipstick", "drill"}
@@ -90,11 +90,11 @@ def test_world_traffic_is_grouped_like_the_worker_and_held_out_logs_reuse_the_gr
 
 
 def test_event_files_round_trip(tmp_path: Path) -> None:
-    from infra.logs import read_event_file, traffic_from_events, write_event_file
-    from infra.world.simulate import generate_events
-    from infra.world.world import World
+    from sim.logs import read_event_file, traffic_from_events, write_event_file
+    from sim.simulate import generate_events
+    from sim.world import World
 
-    world = World.load(Path(__file__).resolve().parents[2] / "infra" / "world" / "examples" / "world_a.yaml")
+    world = World.load(Path(__file__).resolve().parents[2] / "sim" / "examples" / "world_a.yaml")
     events = list(generate_events(world, seed=0, n_impressions=300))
     path = tmp_path / "events.jsonl"
     write_event_file(path, events)

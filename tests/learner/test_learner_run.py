@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from infra.cli import app
+from cli.main import app
 from learner.model.gmllm import GMLLM
 from learner.publish import read_announcement, versions
-from streams.kafka import TopicFollower, consume_all, ensure_topics, produce_raw
-from streams.messages import parse_dead_letter, to_bytes
+from infra.kafka import TopicFollower, consume_all, ensure_topics, produce_raw
+from infra.contracts.messages import parse_dead_letter, to_bytes
 from streams.pairs import PairMinerConfig
 
 from helpers.worker_harness import free_port
@@ -33,7 +33,7 @@ TINY_DPO = {
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, tiny_model, tiny_log) -> Path:  # noqa: ANN001
     """A pre-training run directory as `osmf learner pretrain` writes it: model/ and traffic/ (untrained model)."""
-    from learner.group_features import read_group_features
+    from features.group import read_group_features
 
     run = tmp_path_factory.mktemp("pretrain-run")
     corpus = [f.to_text() for f in read_group_features(tiny_log).values()] + [r.prompt for r in tiny_log.records[:200]]

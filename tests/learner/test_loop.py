@@ -10,7 +10,7 @@ import pytest
 
 import learner.loop
 from infra.settings import LearnerSettings, load_settings
-from learner.group_features import read_group_features
+from features.group import read_group_features
 from learner.history import RoundRecord, append_round, read_rounds
 from learner.loop import DUPLICATE, NEW, UNKNOWN_PRODUCT, LearnerLoop, group_feature_source, history_path
 from learner.model.artifact import verify_artifact
@@ -164,8 +164,8 @@ def test_group_features_come_from_the_traffic_log_when_the_store_is_off_or_not_a
 
 def test_group_features_come_from_the_store_first_and_the_traffic_log_fills_the_gaps(tmp_path, features,  # noqa: ANN001
                                                                                      monkeypatch) -> None:  # noqa: ANN001
+    import features.group as feature_group
     import features.store as feature_store
-    import learner.group_features
 
     live = {"mugs/g1": "group mugs/g1 | from the store"}
     calls: list[list[str]] = []
@@ -177,7 +177,7 @@ def test_group_features_come_from_the_store_first_and_the_traffic_log_fills_the_
         return {g: live[g] for g in group_ids if g in live}
 
     monkeypatch.setattr(feature_store, "is_applied", lambda settings: True)
-    monkeypatch.setattr(learner.group_features, "store_group_features", store_group_features)
+    monkeypatch.setattr(feature_group, "store_group_features", store_group_features)
     features_for, source = group_feature_source(load_settings(data_dir=tmp_path), features, reader=object())
     assert source.startswith("feature store sqlite")
     assert features_for(["mugs/g0", "mugs/g1", "mugs/g9"]) == {"mugs/g1": live["mugs/g1"], "mugs/g0": features["mugs/g0"]}

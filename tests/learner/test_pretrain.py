@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from infra.settings import LearnerSettings, PretrainSettings
-from learner.group_features import creative_attributes
+from features.group import creative_attributes
 from learner.model.gmllm import GMLLM
 from learner.pretrain import (
     Pretrainer,

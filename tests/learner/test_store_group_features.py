@@ -20,10 +20,10 @@ from features.read import FeatureReader
 from features.rows import group_preferences_row, group_profile_row
 from features.sink import FeastSink
 from features.store import apply
-from infra.world.judge import store_group_members
-from infra.world.world import World
+from sim.judge import store_group_members
+from sim.world import World
 from learner.data import TrafficLog, TrafficRecord
-from learner.group_features import (
+from features.group import (
     ATTRIBUTE_VOCABULARY,
     PROBE_GAP,
     read_group_features,
@@ -109,7 +109,7 @@ def test_store_features_equal_the_log_features_of_the_same_events(run: _Run) -> 
 
 def test_worker_attribute_names_are_the_learner_vocabulary(run: _Run) -> None:
     groups = sorted({r.group_id for r in run.log.records})
-    rows = run.reader.read_group_features(groups)
+    rows = run.reader.read_group_rows(groups)
     keys = {k for i in range(len(rows)) for k in rows.attribute_keys[i] or ()}
     assert keys and keys <= set(ATTRIBUTE_VOCABULARY), keys - set(ATTRIBUTE_VOCABULARY)
     assert {k.split("=")[0] for k in keys} == {"background", "primary", "secondary", "position", "scale", "copy",

@@ -10,8 +10,8 @@ import pytest
 
 import streams.drift
 from streams.drift import DriftConfig, DriftMonitor, _split
-from streams.events import EventError
-from streams.messages import DriftAlert, alert_id, parse_drift_alert, to_bytes
+from infra.contracts.events import EventError
+from infra.contracts.messages import DriftAlert, alert_id, parse_drift_alert, to_bytes
 
 
 def test_doctests() -> None:

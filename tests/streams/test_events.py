@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.events import MAX_EVENT_BYTES, Click, EventError, Impression, parse_event, to_bytes
+from infra.contracts.events import MAX_EVENT_BYTES, Click, EventError, Impression, parse_event, to_bytes
 
 ids = st.text(min_size=1, max_size=40)
 names = st.text(min_size=1, max_size=20)

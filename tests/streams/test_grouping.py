@@ -20,7 +20,7 @@ from bench.grouping import ari, attribute_ceiling, contingency, nmi
 from streams.grouping import GroupingConfig, ProductAwareGrouper, encode_value
 
 ROOT = Path(__file__).resolve().parents[2]
-WORLD_A = ROOT / "infra" / "world" / "examples" / "world_a.yaml"
+WORLD_A = ROOT / "sim" / "examples" / "world_a.yaml"
 FAST = GroupingConfig(first_recluster=1000, recluster_every=2000, halflife=None)
 CREATIVES = ("pink", "beige", "green", "blue", "red", "black")
 
@@ -254,7 +254,7 @@ def test_pickle_round_trip_continues_identically() -> None:
 
 
 def test_profile_test_is_calibrated_on_sparse_clicks_and_has_power() -> None:
-    from streams.grouping import _log_p_pairs, _log_p_same
+    from streams.grouping.statistics import _log_p_pairs, _log_p_same
 
     rng = np.random.default_rng(0)
     impressions = rng.integers(20, 120, size=(5, 40)).astype(float)
@@ -312,9 +312,9 @@ def test_nmi_and_ari_match_their_definitions() -> None:
 
 
 def test_groups_recover_drill_segments_of_world_a() -> None:
-    from infra.world.simulate import generate_events
-    from infra.world.world import World
-    from streams.events import Impression
+    from sim.simulate import generate_events
+    from sim.world import World
+    from infra.contracts.events import Impression
 
     world = World.load(WORLD_A)
     grouper = ProductAwareGrouper()

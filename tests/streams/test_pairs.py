@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import streams.messages
+import infra.contracts.messages
 import streams.pairs
 from streams.ctr import CreativeStats
-from streams.events import EventError
-from streams.messages import (
+from infra.contracts.events import EventError
+from infra.contracts.messages import (
     MAX_ORIGINAL_BYTES,
     DeadLetter,
     PreferencePair,
@@ -42,7 +42,7 @@ PROMPT_C = 'background=stripes; palette=green,white; position=right; scale=0.6; 
 
 def test_doctests() -> None:
     assert doctest.testmod(streams.pairs).failed == 0
-    assert doctest.testmod(streams.messages).failed == 0
+    assert doctest.testmod(infra.contracts.messages).failed == 0
 
 
 # --- P(CTR_A > CTR_B) ---------------------------------------------------------------------------

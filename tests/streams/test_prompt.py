@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.prompt import CreativePrompt, PromptError, parse_prompt, random_prompt
+from infra.contracts.prompt import CreativePrompt, PromptError, parse_prompt, random_prompt
 
 
 @given(st.integers(0, 2**32))

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from infra.world.simulate import generate_events
-from infra.world.world import World
-from streams.events import Impression, to_bytes
-from streams.kafka import consume_all, produce_events, produce_raw
-from streams.messages import parse_dead_letter
+from sim.simulate import generate_events
+from sim.world import World
+from infra.contracts.events import Impression, to_bytes
+from infra.kafka import consume_all, produce_events, produce_raw
+from infra.contracts.messages import parse_dead_letter
 
 from helpers.worker_harness import WorkerRun, expected_counts, isolated_run, table_counts
 
-WORLD_A = Path(__file__).resolve().parents[2] / "infra" / "world" / "examples" / "world_a.yaml"
+WORLD_A = Path(__file__).resolve().parents[2] / "sim" / "examples" / "world_a.yaml"
 
 
 @pytest.fixture(scope="module")

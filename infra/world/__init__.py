@@ -1,1 +1,0 @@
-"""The simulated world: users, products, hidden segments and a pixel-based click model."""

@@ -1,0 +1,192 @@
+"""Judge a G-MLLM in a simulated world: the expected CTR, per learned group, of the creatives it serves.
+
+A learned group (e.g. ``sneakers/g3``) mixes users of several hidden
+segments; its CTR for a creative is the members' average click probability
+under the world's pixel click model (exact expectation, no drawn clicks).
+:class:`WorldCTR` samples the model's candidates for each group and the first
+products of its category, keeps the one the model serves
+(:func:`learner.evaluate.choose_creative`), and averages. It is the
+``served_ctr`` judge of :func:`learner.round.run_round`.
+
+The oracle figure of a group is the best CTR among a fixed set of random
+prompts, per product (the same search as ``osmf world oracle``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from infra.contracts.prompt import CreativePrompt, random_prompt
+from infra.settings import GenerationSettings, LearnerSettings, Settings
+from learner.data import ProductRecord, TrafficLog
+from learner.dpo.data import one_size_prefix
+from learner.evaluate import choose_creative
+from features.group import GroupFeatures
+from learner.loop import FeaturesFor, JudgeFor
+from learner.model.gmllm import GMLLM
+from learner.service import JudgeFactory
+from sim.oracle import sample_prompts
+from sim.schema import WorldError
+from sim.world import Product, World
+from streams.grouping import ProductAwareGrouper
+
+if TYPE_CHECKING:
+    from features.read import FeatureReader
+
+
+def group_members(world: World, grouper: ProductAwareGrouper) -> dict[str, Counter]:
+    """Per learned group, how many of its users sit in each hidden segment (``category/segment``)."""
+    members: dict[str, Counter] = {}
+    for category in world.categories:
+        for user in world.users:
+            group = grouper.assign(category, dict(user.attributes))
+            members.setdefault(group, Counter())[world.segment_of(user, category).key] += 1
+    return members
+
+
+def store_group_members(world: World, reader: FeatureReader) -> dict[str, Counter]:
+    """:func:`group_members` for the groups the feature store serves: each world user's group per category
+    from ``reader.resolve_groups`` (the worker's ``user_group`` view); users the store has no group for are skipped."""
+    members: dict[str, Counter] = {}
+    user_ids = [user.id for user in world.users]
+    for category in world.categories:
+        for user, group in zip(world.users, reader.resolve_groups(user_ids, category)):
+            if group is not None:
+                members.setdefault(group, Counter())[world.segment_of(user, category).key] += 1
+    return members
+
+
+def group_ctr(world: World, members: Counter, product: Product, prompt: CreativePrompt) -> float:
+    """Expected CTR of ``prompt`` on ``product`` for a group's average member (segments mixed by membership)."""
+    visual = world.features(product, prompt)
+    total = sum(members.values())
+    return sum(
+        n * world.click_probability(world.segment(*key.split("/", 1)), visual) for key, n in members.items()
+    ) / total
+
+
+@dataclass
+class WorldCTR:
+    """Simulated CTR per group of the creatives a model serves; callable as a ``served_ctr`` judge.
+
+    Parameters
+    ----------
+    world, members
+        The world and each learned group's segment counts (:func:`group_members`).
+    features, products
+        Group features (the prefix the model reads) and the learner's product records.
+    generation
+        How creatives are sampled and chosen (as served).
+    products_per_group
+        The first this many products of each group's category are judged.
+    """
+
+    world: World
+    members: Mapping[str, Counter]
+    features: Mapping[str, GroupFeatures | str]
+    products: Mapping[str, ProductRecord]
+    generation: GenerationSettings
+    products_per_group: int = 4
+    last_sampled: dict[str, float] = field(default_factory=dict)
+
+    def groups(self) -> list[str]:
+        """Groups that have both features and members."""
+        return sorted(g for g in self.features if self.members.get(g))
+
+    def judged_products(self, group: str) -> list[Product]:
+        """The products of ``group``'s category that are judged."""
+        category = group.split("/", 1)[0]
+        return [p for p in self.world.products.get(category, []) if p.id in self.products][: self.products_per_group]
+
+    def __call__(self, gmllm: GMLLM, one_size: bool = False) -> dict[str, float]:
+        """Mean CTR per group of the served creative; ``last_sampled`` gets the mean over all candidates."""
+        served: dict[str, float] = {}
+        self.last_sampled = {}
+        for group in self.groups():
+            counts = self.members[group]
+            prefix = one_size_prefix(group.split("/", 1)[0]) if one_size else self.features[group]
+            chosen, sampled = [], []
+            for index, product in enumerate(self.judged_products(group)):
+                choice = choose_creative(gmllm, prefix, self.products[product.id], self.generation, seed=index)
+                chosen.append(group_ctr(self.world, counts, product, choice.prompt))
+                valid = [c.prompt for c in choice.candidates if c.prompt is not None]
+                sampled.extend(group_ctr(self.world, counts, product, p) for p in valid)
+            if chosen:
+                served[group] = float(np.mean(chosen))
+                self.last_sampled[group] = float(np.mean(sampled)) if sampled else served[group]
+        return served
+
+    def random_ctr(self, prompts_per_product: int = 8, seed: int = 0) -> dict[str, float]:
+        """Mean CTR per group of random prompts (the floor)."""
+        out = {}
+        for group in self.groups():
+            rng = random.Random(f"random:{seed}:{group}")
+            values = [group_ctr(self.world, self.members[group], product, random_prompt(rng))
+                      for product in self.judged_products(group) for _ in range(prompts_per_product)]
+            out[group] = float(np.mean(values)) if values else float("nan")
+        return out
+
+    def oracle_ctr(self, n_prompts: int = 200, seed: int = 0) -> dict[str, float]:
+        """Mean over products of the best CTR among ``n_prompts`` random prompts, per group (the ceiling)."""
+        prompts = sample_prompts(n_prompts, seed)
+        out = {}
+        for group in self.groups():
+            best = [max(group_ctr(self.world, self.members[group], product, p) for p in prompts)
+                    for product in self.judged_products(group)]
+            out[group] = float(np.mean(best)) if best else float("nan")
+        return out
+
+
+def traffic_members(world: World, traffic: TrafficLog) -> dict[str, Counter]:
+    """Per group of the traffic log, how many of its users sit in each hidden segment of ``world``."""
+    users = {user.id: user for user in world.users}
+    members: dict[str, Counter] = {}
+    seen: set[tuple[str, str]] = set()
+    for record in traffic.records:
+        key = (record.group_id, record.user_id)
+        if key in seen or record.user_id not in users or record.category not in world.categories:
+            continue
+        seen.add(key)
+        segment = world.segment_of(users[record.user_id], record.category)
+        members.setdefault(record.group_id, Counter())[segment.key] += 1
+    return members
+
+
+def world_judge_factory(world: World, settings: Settings, learner: LearnerSettings) -> JudgeFactory:
+    """A :data:`learner.service.JudgeFactory`: the loop's gate judges candidates by simulated CTR in ``world``.
+
+    Members of the live groups come from the feature store's user -> group view
+    when the store is on and applied, else from the catalogue's traffic log.
+    """
+
+    def factory(traffic: TrafficLog, features_for: FeaturesFor, echo: Callable[[str], None]) -> JudgeFor:
+        members = None
+        if settings.features.enabled:
+            from features.store import is_applied
+
+            if is_applied(settings):
+                from features.read import FeatureReader
+
+                members = store_group_members(world, FeatureReader(settings)) or None
+        source = "the feature store"
+        if members is None:
+            members, source = traffic_members(world, traffic), "the base run's traffic log"
+        if not members:
+            raise WorldError(f"--world {world.source}: none of the traffic log's users live in this world; give the "
+                             "world the base run was simulated from")
+        echo(f"simulated CTR: world {world.name}, {len(members)} groups (members from {source})")
+        products = traffic.products
+
+        def judge_for(features: Mapping[str, GroupFeatures | str]) -> WorldCTR:
+            judged = {**features_for(sorted(members)), **features}
+            return WorldCTR(world, members, judged, products, learner.generation, learner.loop.ctr_products_per_group)
+
+        return judge_for
+
+    return factory

@@ -1,0 +1,186 @@
+"""``ProductAwareGrouper``: the River-style API (``learn_one`` / ``learn_click`` / ``assign``) over one state per category."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from streams.grouping.category import _SHIFT, _Category
+from streams.grouping.config import GroupInfo, GroupingConfig, encode_value
+from streams.grouping.tree import _grow
+
+
+class ProductAwareGrouper:
+    """Groups users per product category from their attributes and clicks, online, with stable ids.
+
+    Parameters
+    ----------
+    config
+        Settings (:class:`GroupingConfig`); defaults when omitted.
+
+    Attributes
+    ----------
+    config : GroupingConfig
+        The settings in force.
+
+    Notes
+    -----
+    Feed every impression through :meth:`learn_and_assign` (with its
+    creative) and every attributed click through :meth:`learn_click`. The
+    grouper pickles (caches are left out and rebuilt); a copy continues
+    exactly like the original. See the module docstring for the algorithm
+    and a runnable example.
+    """
+
+    def __init__(self, config: GroupingConfig | None = None) -> None:
+        self.config = config or GroupingConfig()
+        self._categories: dict[str, _Category] = {}
+        self._encoded: dict[tuple[Any, ...], tuple[tuple[str, str], ...]] = {}
+
+    # ------------------------------------------------------------------ verbs
+
+    def learn_one(self, category: str, user: Mapping[str, Any], creative: str | None = None) -> None:
+        """Count one impression of ``category`` to ``user`` (of ``creative``, when known)."""
+        self.learn_and_assign(category, user, creative)
+
+    def learn_click(self, category: str, user: Mapping[str, Any], creative: str) -> None:
+        """Count a click of ``user`` on ``creative``, shown for ``category``."""
+        state = self._categories.get(category) or self._add_category(category)
+        row = state.row_of.get(tuple(user.items()))
+        if row is None:
+            row = self._row(state, user)
+            if row is None:
+                return
+        col = state.col_of.get(creative)
+        if col is None:
+            col = state.add_creative(creative)
+        state.pending_clicks.append(row << _SHIFT | col)
+
+    def assign(self, category: str, user: Mapping[str, Any]) -> str:
+        """The id of the group ``user`` belongs to in ``category`` (nothing is learned)."""
+        state = self._categories.get(category)
+        if state is None:
+            return f"{category}/g0"
+        row = state.row_of.get(tuple(user.items()))
+        if row is not None:
+            return state.gid_of_row[row]
+        return state.group_ids[state.route(dict(self._encode(user)))]
+
+    predict_one = assign
+
+    def learn_and_assign(self, category: str, user: Mapping[str, Any], creative: str | None = None) -> str:
+        """Learn one impression and return ``user``'s group id in ``category`` — the hot path."""
+        state = self._categories.get(category)
+        if state is None:
+            state = self._add_category(category)
+        row = state.row_of.get(tuple(user.items()))
+        if row is None:
+            row = self._row(state, user)
+            if row is None:  # past max_tuples: assign without learning
+                return state.group_ids[state.route(dict(self._encode(user)))]
+        if creative is None:
+            state.pending.append(row << _SHIFT)
+        else:
+            col = state.col_of.get(creative)
+            if col is None:
+                col = state.add_creative(creative)
+            state.pending.append(row << _SHIFT | col)
+        state.events += 1
+        if state.events >= state.next_recluster:
+            self._recluster(state)
+        return state.gid_of_row[row]
+
+    def groups(self, category: str) -> list[GroupInfo]:
+        """The live groups of ``category``, by id; empty for a category never seen."""
+        state = self._categories.get(category)
+        if state is None:
+            return []
+        state.flush()
+        return state.describe()
+
+    def categories(self) -> list[str]:
+        """Categories seen so far, sorted."""
+        return sorted(self._categories)
+
+    def ids_minted(self, category: str) -> int:
+        """How many group ids ``category`` has handed out, live and retired."""
+        state = self._categories.get(category)
+        return state.next_id if state is not None else 0
+
+    def recluster(self, category: str) -> None:
+        """Run the macro step of ``category`` now (it also runs on its own schedule)."""
+        state = self._categories.get(category)
+        if state is not None:
+            self._recluster(state)
+
+    # ------------------------------------------------------------------ state
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self.config, "categories": self._categories}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.config = state["config"]
+        self._categories = state["categories"]
+        self._encoded = {}
+
+    # ------------------------------------------------------------------ internals
+
+    def _add_category(self, category: str) -> _Category:
+        state = _Category(category, self.config)
+        self._categories[category] = state
+        return state
+
+    def _encode(self, user: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+        key = tuple(user.items())
+        encoded = self._encoded.get(key)
+        if encoded is None:
+            wanted = self.config.attributes
+            numeric = self.config.numeric_attributes
+            encoded = tuple(
+                sorted(
+                    (str(name), encode_value(value, name in numeric))
+                    for name, value in user.items()
+                    if wanted is None or name in wanted
+                )
+            )
+            if len(self._encoded) >= self.config.cache_size:
+                self._encoded.clear()
+            self._encoded[key] = encoded
+        return encoded
+
+    def _row(self, state: _Category, user: Mapping[str, Any]) -> int | None:
+        row = state.row_of_tuple(self._encode(user))
+        if row is not None:
+            if len(state.row_of) >= self.config.cache_size:
+                state.row_of.clear()
+            state.row_of[tuple(user.items())] = row
+        return row
+
+    def _recluster(self, state: _Category) -> None:
+        state.flush()
+        state.decay()
+        tree = _grow(state, self.config)
+        state.schedule_next(tree.work)
+        old_group = np.asarray(state.group_of_row, dtype=np.int64)
+        old_ids = state.group_ids
+        weights = state.weights[: state.n_rows]
+        new_centroids = state.centroids(tree.row_group, tree.n_groups)
+        old_centroids = state.centroids(old_group, len(old_ids))
+        old_weight = np.bincount(old_group, weights=weights, minlength=len(old_ids))
+        alive = [g for g in range(len(old_ids)) if old_weight[g] > 0]
+        ids: list[str | None] = [None] * tree.n_groups
+        if alive:
+            cost = np.linalg.norm(new_centroids[:, None, :] - old_centroids[None, alive, :], axis=2)
+            for new, j in zip(*linear_sum_assignment(cost)):
+                if cost[new, j] <= self.config.match_distance:
+                    ids[new] = old_ids[alive[j]]
+        created = dict(state.created_at)
+        for g in range(tree.n_groups):
+            if ids[g] is None:
+                ids[g] = f"{state.name}/g{state.next_id}"
+                state.next_id += 1
+                created[ids[g]] = state.events
+        state.install(tree, [str(i) for i in ids], created)

@@ -9,14 +9,18 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LOCK   := requirements/lock.txt
+TRITON_VENV  := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
+TRITON_LOCK  := requirements/triton.txt
 TORCH_WHEEL_DIR ?= /opt/wheels
 
-.PHONY: env demo test bench clean help
+.PHONY: env triton-env demo test bench clean help
 
 help:
 	@echo "make demo   - create the environment if missing, run the embedded demo"
 	@echo "make test   - create the environment if missing, run the test suite"
 	@echo "make env    - only create/refresh the environment ($(VENV))"
+	@echo "make .venv-triton - only create/refresh the Triton backend's environment (numpy<2, torch, transformers)"
 	@echo "make clean  - remove the environment and the data directory"
 
 env: $(STAMP)
@@ -28,13 +32,26 @@ $(STAMP): pyproject.toml $(LOCK)
 	@touch $(STAMP)
 	@echo ">> environment ready"
 
-demo: env
+# The Triton python backend's own environment: its stub is built against numpy 1,
+# while the main environment needs numpy 2 (River). serving/ points the stub at it.
+triton-env: $(TRITON_STAMP)
+
+$(TRITON_VENV): $(TRITON_STAMP)
+
+$(TRITON_STAMP): $(TRITON_LOCK)
+	@echo ">> creating/refreshing the Triton backend environment in $(TRITON_VENV) (lock: $(TRITON_LOCK))"
+	@test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	@$(TRITON_VENV)/bin/python -m pip install --quiet -r $(TRITON_LOCK)
+	@touch $(TRITON_STAMP)
+	@echo ">> Triton backend environment ready"
+
+demo: env $(TRITON_STAMP)
 	@echo ">> running the embedded demo (broker + simulated world)"
 	@$(VENV)/bin/osmf demo
 
-test: env
+test: env $(TRITON_STAMP)
 	@echo ">> running the test suite"
 	@HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) data
+	rm -rf $(VENV) $(TRITON_VENV) data

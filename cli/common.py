@@ -29,6 +29,7 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("sim.schema", "WorldError"),
     ("sim.replay", "ReplayError"),
     ("learner.service", "LearnerServiceError"),
+    ("serving.server", "ServingError"),
 )
 """(module, exception) whose message is already a one-line explanation with a fix."""
 

@@ -15,6 +15,7 @@ import typer
 from cli.common import friendly_errors, load_settings, load_world, ready_bootstrap
 from cli.features import features_app
 from cli.learner import learner_app
+from cli.serve import serve_app
 
 app = typer.Typer(
     help="OSMF: learn which ad creative each user group prefers, online, and generate it.",
@@ -30,6 +31,7 @@ app.add_typer(world_app, name="world")
 app.add_typer(replay_app, name="replay")
 app.add_typer(learner_app, name="learner")
 app.add_typer(features_app, name="features")
+app.add_typer(serve_app, name="serve")
 
 @app.callback()
 def _root(
@@ -254,8 +256,11 @@ def demo(
 
 # ---------------------------------------------------------------------- bench
 
-BENCHMARKS: dict[str, str] = {"streams": "bench.streams", "grouping": "bench.grouping", "freshness": "bench.freshness", "feature-read": "bench.feature_read", "pretrain": "bench.pretrain",
-              "alignment": "bench.alignment", "group-dpo": "bench.group_dpo"}
+BENCHMARKS: dict[str, str] = {
+    "streams": "bench.streams", "grouping": "bench.grouping", "freshness": "bench.freshness",
+    "feature-read": "bench.feature_read", "pretrain": "bench.pretrain", "alignment": "bench.alignment",
+    "group-dpo": "bench.group_dpo", "serving": "bench.serving",
+}
 """Benchmark name -> module under ``bench/`` exposing ``run(BenchOptions) -> dict``."""
 
 

@@ -355,6 +355,51 @@ def _redis_connection_string(url: str) -> str:
     return out
 
 
+class ServingSettings(BaseModel):
+    """Triton serving (``osmf serve``) and the creative client for ad systems (``serving/``)."""
+
+    host: str = Field("127.0.0.1", description="Address tritonserver binds its HTTP, gRPC and metrics ports to.")
+    http_port: int = Field(18000, ge=1, le=65535, description="Triton HTTP/REST port.")
+    grpc_port: int = Field(18001, ge=1, le=65535, description="Triton gRPC port.")
+    metrics_port: int = Field(18002, ge=1, le=65535, description="Triton's own Prometheus metrics port.")
+    client_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Prometheus port of the creative client's own metrics; 0 = not served."
+    )
+    protocol: Literal["http", "grpc"] = Field("grpc", description="Protocol the creative client talks to Triton.")
+    env_dir: Path = Field(
+        Path(".venv-triton"),
+        description="Triton backend environment (numpy<2, torch, transformers; `make .venv-triton`); relative "
+        "paths are taken from the project root.",
+    )
+    repository: Path | None = Field(
+        None, description="Generated Triton model repository; default <data_dir>/triton/repository."
+    )
+    version_policy: Literal["live_and_previous", "all", "latest"] = Field(
+        "live_and_previous",
+        description="gmllm versions kept loaded: live_and_previous (rollback is a switch), all, or latest only.",
+    )
+    slate_size: int = Field(4, ge=1, le=64, description="K: creatives per (group, product) slate.")
+    prior_impressions: float = Field(
+        20.0, ge=0, description="Thompson sampling: pseudo-impressions at the group's CTR added to every creative."
+    )
+    max_new_tokens: int = Field(64, ge=8, le=1024, description="Longest generated prompt in tokens.")
+    temperature: float = Field(0.9, ge=0.0, le=5.0, description="Sampling temperature of slate generation.")
+    instances: int = Field(1, ge=1, le=64, description="Triton instances of each python model (CPU: 1 per core).")
+    start_timeout_s: float = Field(120.0, gt=0, description="How long `serve start` waits for Triton's readiness.")
+    load_timeout_s: float = Field(120.0, gt=0, description="How long loading one model version may take.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Client: timeout of one generation request.")
+    retries: int = Field(2, ge=0, le=10, description="Client: retries of a failed generation request.")
+    retry_backoff_s: float = Field(0.2, ge=0, le=60, description="Client: wait before the first retry (doubles).")
+    watch_interval_s: float = Field(2.0, gt=0, description="How often the watcher looks for new versions.")
+    pregenerate_workers: int = Field(2, ge=1, le=64, description="Background slate generations in flight.")
+    cache_dir: Path | None = Field(
+        None, description="Content-addressed creative cache (PNG + index); default <data_dir>/serving/cache."
+    )
+    response_cache: bool = Field(
+        False, description="Enable Triton's local response cache on `creative` (measured: see docs/serving.md)."
+    )
+
+
 class Settings(BaseSettings):
     """All of OSMF's configuration in one object."""
 
@@ -373,6 +418,7 @@ class Settings(BaseSettings):
     render: RenderSettings = RenderSettings()
     learner: LearnerSettings = LearnerSettings()
     features: FeaturesSettings = FeaturesSettings()
+    serving: ServingSettings = ServingSettings()
 
     @field_validator("kafka_bootstrap")
     @classmethod

@@ -239,19 +239,38 @@ def simulate(
 @friendly_errors
 def demo(
     world: WorldOption = None,
-    duration: Annotated[float, typer.Option(help="Seconds of simulated traffic.", min=1.0)] = 20.0,
-    rate: Annotated[float | None, typer.Option(help="Impressions per second (default: settings).", min=1.0)] = None,
-    worker: Annotated[
-        bool, typer.Option(help="Also run the stream worker and print its per-group CTR table.")
+    minutes: Annotated[
+        float, typer.Option(help="Minutes of simulated ad traffic in the closed loop (after start-up and the base "
+                            "model's pre-training, about 2 minutes the first time).", min=0.5)
+    ] = 8.0,
+    rate: Annotated[float, typer.Option(help="Impressions per second the simulated ad system requests.", min=1.0)] = 150.0,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated traffic and of the client's exploration.")] = 0,
+    loop: Annotated[
+        bool, typer.Option("--loop/--traffic-only", help="The whole closed loop (default), or only broker, worker "
+                           "and --duration seconds of random creatives with the CTR tables.")
     ] = True,
+    duration: Annotated[float, typer.Option(help="--traffic-only: seconds of simulated traffic.", min=1.0)] = 20.0,
 ) -> None:
-    """Run the embedded stack end to end: broker, stream worker, simulated traffic, CTR tables."""
-    from cli.demo import run_demo
+    """Run the embedded system end to end: broker, stream worker, Feast, learner, Triton and the simulated ad system.
+
+    The simulated ad system asks the serving client for every impression; the
+    learner trains Group-DPO rounds on the pairs the worker mines from them and
+    every promoted version goes live on Triton. A live display shows events/s,
+    groups, pairs, rounds, the live version and CTR per group; at the end a
+    summary table gives CTR per group per served version. Ctrl-C stops
+    everything the demo started.
+    """
     from sim.simulate import world_path
 
     settings = load_settings()
     path = world_path(settings, world)
-    raise typer.Exit(run_demo(settings, load_world(path), path.name, duration, rate, with_worker=worker))
+    if not loop:
+        from cli.demo import run_demo
+
+        raise typer.Exit(run_demo(settings, load_world(path), path.name, duration, rate, with_worker=True))
+    from cli.demo_loop import run_loop_demo
+
+    raise typer.Exit(run_loop_demo(settings, load_world(path), path, minutes, rate, seed))
 
 
 # ---------------------------------------------------------------------- bench

@@ -24,14 +24,14 @@ import heapq
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from infra.contracts.events import Click, Impression
 from infra.contracts.prompt import CreativePrompt, random_prompt
 from infra.settings import Settings
-from sim.world import Product, Segment, World
+from sim.world import Product, Segment, User, World
 
 DEFAULT_START_TS_MS = 1_767_225_600_000
 """2026-01-01T00:00:00Z: where simulated time starts unless told otherwise."""
@@ -46,6 +46,25 @@ class Creative:
     id: str
     product_id: str
     prompt: CreativePrompt
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What the ad system showed for one impression: the creative, the model version and group that chose it.
+
+    ``features``: the visual features of the pixels actually served (None:
+    the world renders ``prompt`` itself, as it does for random creatives).
+    """
+
+    creative_id: str
+    prompt: CreativePrompt
+    model_version: str = "random"
+    group_id: str | None = None
+    features: Mapping[str, float] | None = None
+
+
+Chooser = Callable[[User, Product], Shown]
+"""Picks the creative to show a user for a product (the ad system's decision; e.g. :mod:`sim.adsystem`)."""
 
 
 def creative_id(product_id: str, prompt: CreativePrompt) -> str:
@@ -86,6 +105,7 @@ def generate_events(
     start_ts_ms: int = DEFAULT_START_TS_MS,
     placement: str = "feed",
     click_delay_ms: tuple[int, int] = (200, 5000),
+    chooser: Chooser | None = None,
 ) -> Iterator[Impression | Click]:
     """Yield impressions, each followed by its click when the simulated user clicks.
 
@@ -111,6 +131,11 @@ def generate_events(
         Placement name written into impressions.
     click_delay_ms
         A click's ``ts`` is its impression's plus a uniform delay in this range.
+    chooser
+        Who picks the creative of each impression (e.g. a serving client,
+        :mod:`sim.adsystem`); default: one of the product's fixed random
+        creatives, uniformly. Clicks follow from the world's click model on
+        the chosen creative's pixels either way.
 
     Yields
     ------
@@ -138,13 +163,19 @@ def generate_events(
         ts = start_ts_ms + math.floor(i * 1000 / rate)
         user = users[rng.randrange(len(users))]
         product = products[rng.randrange(len(products))]
-        creative = creatives[product.id][rng.randrange(creatives_per_product)]
+        pick = rng.randrange(creatives_per_product)
+        if chooser is None:
+            creative = creatives[product.id][pick]
+            shown = Shown(creative.id, creative.prompt, MODEL_VERSION)
+        else:
+            shown = chooser(user, product)
         segment = world.segment_of(user, product.category)
         t_s = i / rate
-        key = (segment.key, creative.id, segment.phase(t_s))
+        key = (segment.key, shown.creative_id, segment.phase(t_s))
         logit = logits.get(key)
         if logit is None:
-            logit = world.click_logit(segment, world.features(product, creative.prompt), t_s)
+            pixels = shown.features if shown.features is not None else world.features(product, shown.prompt)
+            logit = world.click_logit(segment, pixels, t_s)
             logits[key] = logit
         offset = float(world.user_offsets[user.index]) + world.product_offsets[product.id]
         clicked = rng.random() < world.probability(logit + offset)
@@ -156,20 +187,21 @@ def generate_events(
             product_id=product.id,
             category=product.category,
             product=product.attributes,
-            creative_id=creative.id,
-            prompt=creative.prompt.to_text(),
-            model_version=MODEL_VERSION,
+            creative_id=shown.creative_id,
+            prompt=shown.prompt.to_text(),
+            model_version=shown.model_version,
             placement=placement,
         )
+        delay = rng.randint(low_delay, high_delay)  # drawn either way: the traffic does not depend on the clicks
         yield impression
         if clicked:
             yield Click(
                 event_id=f"{prefix}-{i}-c",
-                ts=ts + rng.randint(low_delay, high_delay),
+                ts=ts + delay,
                 impression_id=impression.event_id,
                 user_id=user.id,
                 product_id=product.id,
-                creative_id=creative.id,
+                creative_id=shown.creative_id,
             )
 
 

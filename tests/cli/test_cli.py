@@ -175,7 +175,7 @@ def test_replay_sends_sample_rows(on_broker: Settings) -> None:
 def test_demo_reads_back_every_impression_and_prints_the_tables(on_broker: Settings, monkeypatch) -> None:
     monkeypatch.setenv("OSMF_STREAMS__METRICS_PORT", str(_free_port()))
     monkeypatch.setenv("OSMF_STREAMS__SESSION_TIMEOUT_S", "6")
-    result = runner.invoke(app, ["demo", "--duration", "2", "--rate", "200"])
+    result = runner.invoke(app, ["demo", "--traffic-only", "--duration", "2", "--rate", "200"])
     assert result.exit_code == 0, result.output
     assert "read back 400 of 400 impressions" in result.output
     assert "lipstick" in result.output and "drill" in result.output

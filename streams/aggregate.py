@@ -178,7 +178,7 @@ class AggregateStage:
             if event_id in assigned:
                 self.counters.duplicates += 1
                 continue
-            group = grouper.learn_and_assign(category, user, creative)
+            group = grouper.learn_and_assign(category, user, creative, _attribute_names(prompt) or None)
             assigned[event_id] = list(Assigned(group, product, creative, ts, 0, category, user))
             self._expiry[category].append((ts, event_id))
             self._labels[category].append((ts, event_id))

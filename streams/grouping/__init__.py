@@ -2,9 +2,12 @@
 
 One job a module: :mod:`~streams.grouping.config` (settings, group
 descriptions, the attribute encoding), :mod:`~streams.grouping.grouper` (the
-River-style API), :mod:`~streams.grouping.category` (one category's counts and
-routing tree), :mod:`~streams.grouping.tree` (growing the tree at a macro step)
-and :mod:`~streams.grouping.statistics` (the tests that decide a split). Why
+River estimator and the worker's verbs), :mod:`~streams.grouping.category`
+(one category's counts and routing tree), :mod:`~streams.grouping.tree`
+(growing the tree at a macro step, interactions included),
+:mod:`~streams.grouping.evidence` (per-creative and visual-attribute click
+profiles) and :mod:`~streams.grouping.statistics` (the taste and level tests
+that decide a split). Why
 clicks and not attributes alone, the algorithm, its parameters and measured
 figures: ``docs/grouping.md``.
 

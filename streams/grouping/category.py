@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +20,12 @@ _MASK = (1 << _SHIFT) - 1
 class _Tree:
     """Result of a macro step: the routing tree and the groups of its leaves."""
 
-    nodes: list[tuple[Any, ...]]  # ("leaf", group) or ("split", attribute, {token: child}, default child)
+    nodes: list[tuple[Any, ...]]  # ("leaf", group) or ("split", attribute or pair, {token(s): child}, default child)
     n_groups: int
     row_group: np.ndarray
     work: float
+    taste_log_p: float = 0.0  # the root's best adjusted taste log p-value (diagnostics)
+    split_log_p: float = 0.0  # the root's best adjusted split log p-value (diagnostics)
 
 
 class _Category:
@@ -42,6 +44,7 @@ class _Category:
         self.vocab: dict[str, dict[str, int]] = {}  # attribute -> token -> code
         self.codes: dict[str, list[int]] = {}  # attribute -> code of each row
         self.creatives: list[str] = []
+        self.creative_tokens: list[tuple[str, ...] | None] = []  # visual attributes, aligned with creatives
         self.col_of: dict[str, int] = {}  # creative -> its impressions column; clicks are the next one
         self.weights = np.zeros(0)
         self.table = sparse.csr_array((0, 0))  # row × (impressions, clicks) per creative
@@ -64,6 +67,10 @@ class _Category:
         state = dict(self.__dict__)
         state["row_of"] = {}
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("creative_tokens", [None] * len(state["creatives"]))  # pickles of before attributes
+        self.__dict__.update(state)
 
     def row_of_tuple(self, encoded: tuple[tuple[str, str], ...]) -> int | None:
         row = self.tuple_row.get(encoded)
@@ -90,11 +97,18 @@ class _Category:
         self.gid_of_row.append(self.group_ids[group])
         return row
 
-    def add_creative(self, creative: str) -> int:
+    def add_creative(self, creative: str, tokens: Sequence[str] | None = None) -> int:
         col = 2 * len(self.creatives) + 1  # 0 in a pending impression means "no creative"
         self.col_of[creative] = col
         self.creatives.append(creative)
+        self.creative_tokens.append(tuple(tokens) if tokens is not None else None)
         return col
+
+    def describe_creative(self, col: int, tokens: Sequence[str]) -> None:
+        """Record the visual attributes of the creative in column ``col`` if it has none yet."""
+        k = (col - 1) // 2
+        if self.creative_tokens[k] is None:
+            self.creative_tokens[k] = tuple(tokens)
 
     def flush(self) -> None:
         """Move pending counts into the weights and the table."""
@@ -137,6 +151,7 @@ class _Category:
             columns = np.ravel(np.column_stack([2 * keep, 2 * keep + 1]))
             self.table = sparse.csr_array(self.table[:, columns])
             self.creatives = [self.creatives[k] for k in keep]
+            self.creative_tokens = [self.creative_tokens[k] for k in keep]
             self.col_of = {creative: 2 * k + 1 for k, creative in enumerate(self.creatives)}
 
     def route(self, tokens: Mapping[str, str]) -> int:
@@ -144,7 +159,11 @@ class _Category:
         node = self.nodes[0]
         while node[0] == "split":
             _, name, branches, default = node
-            node = self.nodes[branches.get(tokens.get(name, "missing"), default)]
+            if isinstance(name, tuple):  # an interaction: the pair of tokens
+                key: Any = tuple(tokens.get(part, "missing") for part in name)
+            else:
+                key = tokens.get(name, "missing")
+            node = self.nodes[branches.get(key, default)]
         return int(node[1])
 
     def code_arrays(self) -> dict[str, np.ndarray]:
@@ -204,9 +223,11 @@ class _Category:
                 terms.setdefault(int(node[1]), []).append(term)
                 return
             _, name, branches, _default = node
-            for token, child in branches.items():  # one term per value, merged below
+            for token, child in branches.items():  # one term per value (pair of values), merged below
                 narrowed = dict(term)
-                narrowed[name] = narrowed.get(name, frozenset(everything[name])) & {token}
+                pairs = zip(name, token) if isinstance(name, tuple) else [(name, token)]
+                for attribute, value in pairs:
+                    narrowed[attribute] = narrowed.get(attribute, frozenset(everything[attribute])) & {value}
                 walk(child, narrowed)
 
         walk(0, {})

@@ -1,11 +1,12 @@
-"""``ProductAwareGrouper``: the River-style API (``learn_one`` / ``learn_click`` / ``assign``) over one state per category."""
+"""``ProductAwareGrouper``: a River clusterer (``learn_one`` / ``predict_one``) and the worker's API over one state per category."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from river import base
 from scipy.optimize import linear_sum_assignment
 
 from streams.grouping.category import _SHIFT, _Category
@@ -13,13 +14,21 @@ from streams.grouping.config import GroupInfo, GroupingConfig, encode_value
 from streams.grouping.tree import _grow
 
 
-class ProductAwareGrouper:
+class ProductAwareGrouper(base.Clusterer):
     """Groups users per product category from their attributes and clicks, online, with stable ids.
+
+    A River clusterer: ``learn_one(x, ...)`` / ``predict_one(x, ...)`` on a
+    dict of user attributes, ``clone()`` and ``_get_params()`` as River
+    expects, so it composes with River's tools and passes River's estimator
+    checks. The worker uses the category-first verbs (:meth:`learn_and_assign`,
+    :meth:`learn_click`, :meth:`assign`), which take the same evidence.
 
     Parameters
     ----------
     config
         Settings (:class:`GroupingConfig`); defaults when omitted.
+    category
+        Category of calls that name none (River's ``learn_one(x)``), default ``"all"``.
 
     Attributes
     ----------
@@ -31,23 +40,69 @@ class ProductAwareGrouper:
     Feed every impression through :meth:`learn_and_assign` (with its
     creative) and every attributed click through :meth:`learn_click`. The
     grouper pickles (caches are left out and rebuilt); a copy continues
-    exactly like the original. See the module docstring for the algorithm
-    and a runnable example.
+    exactly like the original. See the package docstring for a runnable
+    example and ``docs/grouping.md`` for the algorithm.
+
+    Examples
+    --------
+    >>> grouper = ProductAwareGrouper(GroupingConfig(max_groups=4))
+    >>> grouper.learn_one({"age": "young"}, category="mugs", creative="pink", clicked=True)
+    >>> grouper.predict_one({"age": "young"}, category="mugs"), grouper.assign("mugs", {"age": "old"})
+    (0, 'mugs/g0')
+    >>> grouper.clone().config.max_groups
+    4
     """
 
-    def __init__(self, config: GroupingConfig | None = None) -> None:
+    def __init__(self, config: GroupingConfig | None = None, category: str = "all") -> None:
         self.config = config or GroupingConfig()
+        self.category = category
         self._categories: dict[str, _Category] = {}
         self._encoded: dict[tuple[Any, ...], tuple[tuple[str, str], ...]] = {}
 
-    # ------------------------------------------------------------------ verbs
+    # ------------------------------------------------------------------ River's verbs
 
-    def learn_one(self, category: str, user: Mapping[str, Any], creative: str | None = None) -> None:
-        """Count one impression of ``category`` to ``user`` (of ``creative``, when known)."""
-        self.learn_and_assign(category, user, creative)
+    def learn_one(
+        self,
+        x: Mapping[Any, Any],
+        category: str | None = None,
+        creative: str | None = None,
+        attributes: Sequence[str] | None = None,
+        clicked: bool = False,
+    ) -> None:
+        """Count one impression to the user with attributes ``x`` (River's protocol).
 
-    def learn_click(self, category: str, user: Mapping[str, Any], creative: str) -> None:
-        """Count a click of ``user`` on ``creative``, shown for ``category``."""
+        Parameters
+        ----------
+        x
+            The user's attributes.
+        category
+            Product category (default: the ``category`` parameter).
+        creative
+            The creative shown, when known; without it only the traffic weight is counted.
+        attributes
+            The creative's visual attributes as ``name=value`` tokens
+            (``CreativePrompt.attribute_tokens()``), when known: clicks are
+            then also pooled over creatives that share an attribute.
+        clicked
+            The impression was clicked (the click is counted too; for clicks
+            that arrive later use :meth:`learn_click`).
+        """
+        name = self.category if category is None else category
+        self.learn_and_assign(name, x, creative, attributes)
+        if clicked and creative is not None:
+            self.learn_click(name, x, creative)
+
+    def predict_one(self, x: Mapping[Any, Any], category: str | None = None) -> int:  # type: ignore[override]
+        """The number ``N`` of the group ``category/gN`` of the user ``x`` (nothing is learned)."""
+        group = self.assign(self.category if category is None else category, x)
+        return int(group.rsplit("/g", 1)[1])
+
+    # ------------------------------------------------------------------ the worker's verbs
+
+    def learn_click(
+        self, category: str, user: Mapping[str, Any], creative: str, attributes: Sequence[str] | None = None
+    ) -> None:
+        """Count a click of ``user`` on ``creative``, shown for ``category`` (``attributes`` as in :meth:`learn_one`)."""
         state = self._categories.get(category) or self._add_category(category)
         row = state.row_of.get(tuple(user.items()))
         if row is None:
@@ -56,7 +111,9 @@ class ProductAwareGrouper:
                 return
         col = state.col_of.get(creative)
         if col is None:
-            col = state.add_creative(creative)
+            col = state.add_creative(creative, attributes)
+        elif attributes is not None:
+            state.describe_creative(col, attributes)
         state.pending_clicks.append(row << _SHIFT | col)
 
     def assign(self, category: str, user: Mapping[str, Any]) -> str:
@@ -69,10 +126,18 @@ class ProductAwareGrouper:
             return state.gid_of_row[row]
         return state.group_ids[state.route(dict(self._encode(user)))]
 
-    predict_one = assign
+    def learn_and_assign(
+        self,
+        category: str,
+        user: Mapping[str, Any],
+        creative: str | None = None,
+        attributes: Sequence[str] | None = None,
+    ) -> str:
+        """Learn one impression and return ``user``'s group id in ``category`` — the hot path.
 
-    def learn_and_assign(self, category: str, user: Mapping[str, Any], creative: str | None = None) -> str:
-        """Learn one impression and return ``user``'s group id in ``category`` — the hot path."""
+        ``attributes``: the creative's ``name=value`` visual attributes, when
+        known (read once per creative; see :meth:`learn_one`).
+        """
         state = self._categories.get(category)
         if state is None:
             state = self._add_category(category)
@@ -86,7 +151,7 @@ class ProductAwareGrouper:
         else:
             col = state.col_of.get(creative)
             if col is None:
-                col = state.add_creative(creative)
+                col = state.add_creative(creative, attributes)
             state.pending.append(row << _SHIFT | col)
         state.events += 1
         if state.events >= state.next_recluster:
@@ -119,10 +184,11 @@ class ProductAwareGrouper:
     # ------------------------------------------------------------------ state
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"config": self.config, "categories": self._categories}
+        return {"config": self.config, "category": self.category, "categories": self._categories}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.config = state["config"]
+        self.category = state.get("category", "all")  # absent in pickles of before River
         self._categories = state["categories"]
         self._encoded = {}
 

@@ -37,12 +37,21 @@ class Online:
         return len(rows)
 
 
+EARLY_GROUPS = GroupingConfig(max_groups=8, taste_alpha=1.0, recluster_every=1000, recluster_budget=5000.0)
+"""Grouping for the feature tests, which need several groups from a short stream: the taste gate is off
+(``taste_alpha=1``, as ``streams.grouping_taste_alpha=1`` sets it in the worker), so world A's drill buyers
+split by gender on their click level, and macro steps come often (every 1,000 drill impressions, a large
+work budget), so they split within ~12k impressions on the seeds used here. With the default gate and budget
+they split only once tastes differ significantly (50-100k impressions); tests/streams/test_grouping*.py
+cover that."""
+
+
 def _stage() -> AggregateStage:
     stores = AggregateStores(assigned={}, ctr={}, attr_ctr={}, user_groups={}, grouping={}, group_profiles={})
     return AggregateStage(
         AggregateConfig(),
         stores,
-        new_grouper=lambda: ProductAwareGrouper(GroupingConfig(max_groups=8)),
+        new_grouper=lambda: ProductAwareGrouper(EARLY_GROUPS),
         miner=PairMiner(PairMinerConfig()),
         drift=DriftMonitor(),
     )

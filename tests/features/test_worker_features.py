@@ -98,6 +98,7 @@ def test_online_features_equal_the_worker_tables(
         broker_settings,
         tmp_path,
         features={"online_store": online_store, "project": project, "redis_url": REDIS_URL, "embed_titles": "false"},
+        grouping_taste_alpha=1.0,  # taste gate off: several groups form within this short stream (see test_feed.EARLY_GROUPS)
     )
     world = World.load(WORLD_A)
     events = list(generate_events(world, seed=11, n_impressions=20_000, start_ts_ms=1_767_225_600_000))

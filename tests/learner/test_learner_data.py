@@ -75,7 +75,13 @@ def test_world_traffic_is_grouped_like_the_worker_and_held_out_logs_reuse_the_gr
     from sim.world import World
 
     world = World.load(Path(__file__).resolve().parents[2] / "sim" / "examples" / "world_a.yaml")
-    log, grouper = traffic_from_world(world, n_impressions=12_000, seed=0, creatives_per_product=4)
+    from streams.grouping import GroupingConfig, ProductAwareGrouper
+
+    # the taste gate off and frequent macro steps (as the feature tests' EARLY_GROUPS), so 12k impressions split a
+    # category; the default gate needs 50-100k (tests/streams/test_grouping*.py)
+    early = ProductAwareGrouper(GroupingConfig(max_groups=8, taste_alpha=1.0, recluster_every=1000,
+                                               recluster_budget=5000.0))
+    log, grouper = traffic_from_world(world, n_impressions=12_000, seed=0, creatives_per_product=4, grouper=early)
     assert len(log.records) == 12_000 and log.meta["world"] == "world_a"
     assert {r.category for r in log.records} == {"lipstick", "drill"}
     assert len(log.groups()) > 2  # clicks split at least one category

@@ -52,7 +52,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Run]:
     stage = _stage()
     feed = FeatureFeed(stage, pusher.submit)
     shown = {}
-    for impressions, batches in _batches(12_000, seed=3):
+    for impressions, batches in _batches(18_000, seed=3):  # drill splits (gender) at ~12k with EARLY_GROUPS
         feed.after_ingest(impressions)
         shown.update((imp.event_id, imp) for imp in impressions)
         for category, batch in batches.items():

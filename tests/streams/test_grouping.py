@@ -250,6 +250,37 @@ def test_pickle_round_trip_continues_identically() -> None:
     assert copy.ids_minted("lipstick") == grouper.ids_minted("lipstick")
 
 
+def test_decisions_do_not_depend_on_clocks_or_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The macro step's schedule comes from counted work (``recluster_budget``), never from a clock."""
+    import time
+
+    def learn() -> tuple[list[str], list[Any], list[tuple[str, int]]]:
+        grouper = ProductAwareGrouper(GroupingConfig(recluster_budget=50.0))  # budget-bound: the work decides the gaps
+        steps: list[tuple[str, int]] = []
+        recluster = grouper._recluster
+
+        def counted(state: Any) -> None:
+            steps.append((state.name, state.events))
+            recluster(state)
+
+        grouper._recluster = counted  # type: ignore[method-assign]
+        _feed(grouper, "tea", AGE_GENDER, YOUNG_OLD, 12_000, random.Random(21))
+        return _assignment(grouper, "tea", AGE_GENDER), grouper.groups("tea"), steps
+
+    first = learn()
+    calls = [0]
+    real = time.perf_counter
+
+    def slow_clock() -> float:  # a loaded machine: every clock read jumps a second ahead
+        calls[0] += 1
+        return real() + calls[0]
+
+    for name in ("perf_counter", "monotonic", "time", "process_time"):
+        monkeypatch.setattr(time, name, slow_clock)
+    assert learn() == first
+    assert len(first[2]) >= 3 and first[2][-1][1] - first[2][-2][1] > 2 * FAST.recluster_every  # stretched by work
+
+
 # --- the statistical test ----------------------------------------------------------------
 
 
@@ -311,25 +342,31 @@ def test_nmi_and_ari_match_their_definitions() -> None:
 # --- quality on the simulated world ---------------------------------------------------------
 
 
-def test_groups_recover_drill_segments_of_world_a() -> None:
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_groups_recover_drill_segments_of_world_a(seed: int) -> None:
+    """Across streams: 100k impressions recover drill's three segments on each of seeds 0-4 (measured; at 50k,
+    4 of 5 seeds). Taste-only splitting: drill's segments differ in taste by gender *and* purchase power."""
     from sim.simulate import generate_events
     from sim.world import World
     from infra.contracts.events import Impression
 
+    from infra.contracts.prompt import parse_prompt
+
     world = World.load(WORLD_A)
     grouper = ProductAwareGrouper()
     last = None
-    for event in generate_events(world, seed=0, n_impressions=20_000):
+    for event in generate_events(world, seed=seed, n_impressions=100_000):
         if isinstance(event, Impression):
             last = event
-            grouper.learn_and_assign(event.category, event.user, event.creative_id)
+            tokens = parse_prompt(event.prompt).attribute_tokens() if event.prompt else None
+            grouper.learn_and_assign(event.category, event.user, event.creative_id, tokens)
         else:
             assert last is not None and last.event_id == event.impression_id
             grouper.learn_click(last.category, last.user, last.creative_id)
     truth = [world.segment_of(user, "drill").name for user in world.users]
     predicted = [grouper.assign("drill", dict(user.attributes)) for user in world.users]
     shuffled = random.Random(0).sample(predicted, len(predicted))
-    assert nmi(truth, predicted) > 0.5  # 0.67 measured: gender found; random labels score ~0
+    assert nmi(truth, predicted) > 0.7  # 0.81 measured (the ceiling) on seeds 0-4: all three found; random labels ~0
     assert nmi(truth, shuffled) < 0.05
     assert nmi(truth, predicted) <= attribute_ceiling(world, "drill")[0] + 0.01
     assert all(len(grouper.groups(c)) <= grouper.config.max_groups for c in world.categories)

@@ -50,6 +50,7 @@ demo: env $(TRITON_STAMP)
 	@$(VENV)/bin/osmf demo
 
 test: env $(TRITON_STAMP)
+	@bash tests/setup-system.sh
 	@echo ">> running the test suite"
 	@HF_HUB_OFFLINE=1 $(PY) -m pytest
 

@@ -1,17 +1,31 @@
-"""Stream worker throughput beside raw aiokafka consumption of the same topic, in one run.
+"""Stream worker throughput: single-event against batched messages, the framework-free ceiling, two workers.
 
-Produces N simulated events, then measures (a) a plain aiokafka consumer group
-reading them and (b) the full `osmf worker` pipeline (validate, dedupe, group,
-attribute, count) until every event is reflected in its CTR tables. Startup and
-group-join time are excluded from both rates: the clock starts at the first
-fetch (a) or the first impression counted (b).
+One run, the same simulated events, produced twice on a fresh broker: once one
+event per Kafka message (as a plain producer sends them) and once batched per
+partition (``infra.producer``, ``settings.producer``). Then:
+
+a. a plain aiokafka consumer reads the batched topics (messages/s, events/s)
+   and the single-event topics;
+b. the worker's own stage code (:mod:`streams.stages`: decode, validate,
+   dedupe, attribute, group, count) driven by a plain aiokafka loop, no
+   framework: the ceiling for this code;
+c. ``osmf worker`` on the single-event topics;
+d. ``osmf worker`` on the batched topics;
+e. ``osmf worker -n 2`` on the batched topics.
+
+Worker rates run from the first impression counted to the last event counted
+(read from the workers' metrics), so start-up and group join are left out;
+(a) and (b) run from their first fetch. Features are off in the workers (the
+stream alone; ``osmf bench freshness`` covers the feature path).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -19,111 +33,223 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.progress import Progress
-
 from bench.common import BenchOptions, print_table
+from infra.security import client_options
 from infra.settings import Settings, load_settings
 
 WORLD_A = Path(__file__).resolve().parents[1] / "sim" / "examples" / "world_a.yaml"
+GOALS = {"ratio_batched_vs_single": 5.0, "ratio_vs_ceiling": 0.5, "scale_2": 1.6}
+
+
+@dataclass(frozen=True)
+class Rate:
+    """What one path read: events (and Kafka messages) per second."""
+
+    events_per_s: float
+    messages_per_s: float | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        out = {"events_per_s": round(self.events_per_s, 1)}
+        if self.messages_per_s is not None:
+            out["messages_per_s"] = round(self.messages_per_s, 1)
+        return out
 
 
 def run(options: BenchOptions) -> dict[str, Any]:
-    """Run the benchmark; returns events/s of both paths and their ratio."""
-    from sim.simulate import generate_events
-    from sim.world import World
+    """Run the benchmark; returns each path's rate and the three ratios against their goals."""
     from infra.contracts.events import Impression
     from infra.kafka import ensure_topics, produce_events
+    from infra.producer import produce
+    from sim.simulate import generate_events
+    from sim.world import World
 
-    n_impressions = 5_000 if options.quick else 40_000
+    n_impressions = 5_000 if options.quick else 60_000
     world = World.load(options.world or WORLD_A)
+    events = list(generate_events(world, seed=1, n_impressions=n_impressions))
+    n_events = len(events)
+    n_clicks = sum(1 for e in events if not isinstance(e, Impression))
     with _broker() as base, tempfile.TemporaryDirectory() as data_dir:
-        env = _isolated_env(base, Path(data_dir))
-        settings = _settings_from(env)
-        ensure_topics(settings.bootstrap_servers, settings.topics.all_names(), settings.topics.partitions)
-        events = list(generate_events(world, seed=1, n_impressions=n_impressions))
-        n_events = len(events)
-        n_clicks = sum(1 for e in events if not isinstance(e, Impression))
-        produce_events(settings.bootstrap_servers, events, settings.topics)
-        raw_rate = asyncio.run(_raw_consume_rate(settings, n_events))
-        worker_rate = _worker_rate(env, settings, n_impressions, n_clicks)
-    ratio = worker_rate / raw_rate if raw_rate else 0.0
+        single_env = _isolated_env(base, Path(data_dir))
+        batched_env = _isolated_env(base, Path(data_dir))
+        single, batched = _settings_from(single_env), _settings_from(batched_env)
+        for settings in (single, batched):
+            ensure_topics(settings.bootstrap_servers, settings.topics.all_names(), settings.topics.partitions)
+        produce_events(single.bootstrap_servers, events, single.topics)
+        produce(batched.bootstrap_servers, events, batched.topics, batched.producer)
+        raw_single = asyncio.run(_raw_consume_rate(single, n_events))
+        raw = asyncio.run(_raw_consume_rate(batched, n_events))
+        ceiling = asyncio.run(_ceiling_rate(batched, n_impressions, n_clicks))
+        worker_single = _worker_rate(single_env, n_impressions, n_clicks, workers=1)
+        worker_batched = _worker_rate(batched_env, n_impressions, n_clicks, workers=1)
+        worker_n2 = _worker_rate(batched_env, n_impressions, n_clicks, workers=2)
+    ratios = {
+        "ratio_batched_vs_single": worker_batched.events_per_s / worker_single.events_per_s,
+        "ratio_vs_ceiling": worker_batched.events_per_s / ceiling.events_per_s,
+        "scale_2": worker_n2.events_per_s / worker_batched.events_per_s,
+    }
     print_table(
-        "stream throughput (events/s)",
-        ["path", "events", "events/s"],
-        [["raw aiokafka consumer group", n_events, raw_rate], ["osmf worker pipeline", n_events, worker_rate]],
+        f"stream throughput, {n_events} events (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)",
+        ["path", "messages/s", "events/s"],
+        [
+            ["(a) plain aiokafka consumer, single-event messages", raw_single.messages_per_s, raw_single.events_per_s],
+            ["(a) plain aiokafka consumer, batched messages", raw.messages_per_s, raw.events_per_s],
+            ["(b) stage code in a plain aiokafka loop (ceiling)", "", ceiling.events_per_s],
+            ["(c) osmf worker, single-event messages", "", worker_single.events_per_s],
+            ["(d) osmf worker, batched messages", "", worker_batched.events_per_s],
+            ["(e) osmf worker -n 2, batched messages", "", worker_n2.events_per_s],
+        ],
+    )
+    print_table(
+        "ratios", ["ratio", "value", "goal"],
+        [[name, value, f">= {GOALS[name]:g}"] for name, value in ratios.items()],
     )
     return {
         "events": n_events,
-        "raw_events_per_s": round(raw_rate, 1),
-        "worker_events_per_s": round(worker_rate, 1),
-        "ratio": round(ratio, 4),
-        "goal_ratio": 0.25,
+        "producer": batched.producer.model_dump(),
+        "raw_consume_single": raw_single.as_dict(),
+        "raw_consume": raw.as_dict(),
+        "stage_ceiling": ceiling.as_dict(),
+        "worker_single": worker_single.as_dict(),
+        "worker_batched": worker_batched.as_dict(),
+        "worker_batched_n2": worker_n2.as_dict(),
+        **{name: round(value, 3) for name, value in ratios.items()},
+        "goals": GOALS,
+        "goals_met": {name: ratios[name] >= goal for name, goal in GOALS.items()},
+        "cpus": os.cpu_count(),
+        "load_1m": round(os.getloadavg()[0], 2),
         "quick": options.quick,
     }
 
 
-async def _raw_consume_rate(settings: Settings, n_events: int) -> float:
-    """Events/s of a plain aiokafka consumer reading both topics from the start (partitions assigned directly)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+def _event_partitions(settings: Settings) -> list[Any]:
+    from aiokafka import TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False)
+    return [
+        TopicPartition(topic, p)
+        for topic in (settings.topics.impressions, settings.topics.clicks)
+        for p in range(settings.topics.partitions)
+    ]
+
+
+async def _raw_consume_rate(settings: Settings, n_events: int) -> Rate:
+    """A plain aiokafka consumer (partitions assigned directly) reading both topics until every event is in."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+                                **client_options(),
+                                max_partition_fetch_bytes=4 * 1024 * 1024)
     await consumer.start()
     try:
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in (settings.topics.impressions, settings.topics.clicks)
-            for p in range(settings.topics.partitions)
-        ]
+        partitions = _event_partitions(settings)
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
-        seen, start = 0, time.perf_counter()
-        while seen < n_events:
+        ends = None
+        messages, start = 0, time.perf_counter()
+        while ends is None or [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
             batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
-            seen += sum(len(records) for records in batch.values())
-        return n_events / (time.perf_counter() - start)
+            messages += sum(len(records) for records in batch.values())
+            if ends is None and all(consumer.highwater(tp) is not None for tp in partitions):
+                ends = {tp: consumer.highwater(tp) for tp in partitions}
+        seconds = time.perf_counter() - start
     finally:
         await consumer.stop()
+    return Rate(n_events / seconds, messages / seconds)
 
 
-def _worker_rate(env: dict[str, str], settings: Settings, n_impressions: int, n_clicks: int) -> float:
-    port = int(env["OSMF_STREAMS__METRICS_PORT"])
+async def _ceiling_rate(settings: Settings, n_impressions: int, n_clicks: int) -> Rate:
+    """The worker's stage code over dicts, fed by a plain aiokafka loop; until every event is counted."""
+    from aiokafka import AIOKafkaConsumer
+
+    from streams.aggregate import OutcomeBatch
+    from streams.stages import build_stages, collect_outcomes, ingest_partition
+
+    stages = build_stages(settings, lambda name, partitions: {})
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+                                **client_options(),
+                                max_partition_fetch_bytes=4 * 1024 * 1024)
+    await consumer.start()
+    try:
+        partitions = _event_partitions(settings)
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        start = None
+        counters = stages.aggregate.counters
+        while counters.impressions < n_impressions or counters.clicks < n_clicks:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=settings.streams.batch_size)
+            if not batch:
+                continue
+            start = start or time.perf_counter()
+            by_partition: dict[int, list[bytes]] = defaultdict(list)
+            for tp, records in batch.items():
+                by_partition[tp.partition].extend(r.value for r in records)
+            outcomes: dict[str, OutcomeBatch] = defaultdict(OutcomeBatch)
+            for partition, values in by_partition.items():
+                collect_outcomes(ingest_partition(stages, partition, values), outcomes)
+            for category, outcome in outcomes.items():
+                stages.aggregate.apply(category, OutcomeBatch.from_bytes(outcome.to_bytes()))
+                stages.assigned.flush(0, stages.aggregate.watermark(category))
+        seconds = time.perf_counter() - (start or time.perf_counter())
+    finally:
+        await consumer.stop()
+    return Rate((n_impressions + n_clicks) / seconds)
+
+
+def _worker_rate(env: dict[str, str], n_impressions: int, n_clicks: int, workers: int) -> Rate:
+    """``osmf worker -n workers`` with a fresh consumer group over the topics of ``env``."""
+    port = _free_port_block(workers)
+    env = {**env, "OSMF_STREAMS__APP_ID": f"osmf-bench-{uuid.uuid4().hex[:8]}",
+           "OSMF_STREAMS__METRICS_PORT": str(port), "OSMF_FEATURES__ENABLED": "false"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "worker"], env=env,
+        [sys.executable, "-m", "cli.main", "worker", "-n", str(workers)], env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
         first = None
-        with Progress(transient=True) as progress:
-            task = progress.add_task("worker counting", total=n_impressions)
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the worker exited with status {proc.returncode}")
-                impressions, clicks = _counted(port)
-                if impressions and first is None:
-                    first = time.perf_counter()
-                progress.update(task, completed=impressions)
-                if impressions >= n_impressions and clicks >= n_clicks:
-                    return (n_impressions + n_clicks) / (time.perf_counter() - (first or time.perf_counter()))
-                time.sleep(0.05)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the worker exited with status {proc.returncode}")
+            impressions, clicks = _counted(range(port, port + workers))
+            if impressions and first is None:
+                first = time.perf_counter()
+            if impressions >= n_impressions and clicks >= n_clicks:
+                return Rate((n_impressions + n_clicks) / (time.perf_counter() - (first or time.perf_counter())))
+            time.sleep(0.05)
         raise RuntimeError("the worker did not count every event within 600 s")
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        _stop_group(proc)
 
 
-def _counted(port: int) -> tuple[int, int]:
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the worker's process group (``-n 2`` has children); SIGKILL it after 30 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    except OSError:
-        return 0, 0
-    values = dict(re.findall(r'^osmf_counted_total\{kind="(\w+)"\} ([0-9.e+]+)$', text, flags=re.M))
-    return int(float(values.get("impression", 0))), int(float(values.get("click", 0)))
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _counted(ports: range) -> tuple[int, int]:
+    impressions = clicks = 0
+    for port in ports:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        except OSError:
+            continue
+        values = dict(re.findall(r'^osmf_counted_total\{kind="(\w+)"\} ([0-9.e+]+)$', text, flags=re.M))
+        impressions += int(float(values.get("impression", 0)))
+        clicks += int(float(values.get("click", 0)))
+    return impressions, clicks
 
 
 @contextmanager
@@ -174,3 +300,21 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _free_port_block(count: int) -> int:
+    """A port p with p .. p+count-1 free (worker i serves metrics on p + i - 1)."""
+    for _ in range(100):
+        port = _free_port()
+        if port + count <= 65535 and all(_is_free(port + i) for i in range(count)):
+            return port
+    raise RuntimeError(f"no block of {count} free ports found")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True

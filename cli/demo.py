@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from infra.contracts.events import Click, EventError, Impression, parse_event
+from infra.contracts.events import BadEvent, Click, Impression, decode_message
+from infra import _proc
 from infra.settings import Settings
 from sim.simulate import counted, simulated_events, time_ordered, world_path  # noqa: F401 - re-used by the demo
 from sim.world import World
@@ -44,11 +44,8 @@ def ctr_by_category(values: Iterable[bytes], only_ids: set[str] | None = None) -
     categories: dict[str, CategoryCounts] = defaultdict(CategoryCounts)
     category_of: dict[str, str] = {}
     clicks: list[Click] = []
-    for value in values:
-        try:
-            event = parse_event(value)
-        except EventError:
-            continue
+    events = (event for value in values for event in decode_message(value) if not isinstance(event, BadEvent))
+    for event in events:
         if isinstance(event, Impression):
             if only_ids is None or event.event_id in only_ids:
                 category_of[event.event_id] = event.category
@@ -67,7 +64,8 @@ def run_demo(
 ) -> int:
     """Broker, (worker,) ``duration`` s of simulated traffic, the events read back, CTR tables. Returns an exit code."""
     from infra.broker import start_broker
-    from infra.kafka import consume_all, ensure_topics, produce_events
+    from infra.kafka import consume_all, ensure_topics
+    from infra.producer import produce
     from sim.replay import paced
 
     console = Console()
@@ -94,8 +92,9 @@ def run_demo(
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task(f"[3/4] simulating {world_name} for {duration:g} s", total=round(duration * rate))
             live = (remember(e) for e in paced(time_ordered(events), speedup=1.0))
-            sent = produce_events(
-                bootstrap, counted(live, lambda: progress.update(task, completed=len(produced))), settings.topics
+            sent = produce(
+                bootstrap, counted(live, lambda: progress.update(task, completed=len(produced))), settings.topics,
+                settings.producer,
             )
         console.print(f"[3/4] sent {sent} events ({len(produced)} impressions) from world {world_name}")
         records = consume_all(bootstrap, [settings.topics.impressions, settings.topics.clicks])
@@ -203,9 +202,5 @@ def _counted_impressions(port: int) -> int:
 
 def _stop_worker(worker: subprocess.Popen) -> None:
     if worker.poll() is None:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        _proc.terminate(worker.pid, grace_s=20.0)
+    worker.wait()

@@ -67,11 +67,20 @@ def store_config(settings: Settings) -> dict[str, Any]:
     return {
         "project": features.project,
         "provider": "local",
-        "registry": {"registry_type": "file", "path": str(root / "registry.db"), "cache_ttl_seconds": 60},
+        "registry": _registry(settings, root),
         "online_store": online,
         "offline_store": {"type": "file"},
         "entity_key_serialization_version": 3,
     }
+
+
+def _registry(settings: Settings, root: Path) -> dict[str, Any]:
+    """A file registry under data_dir, or Feast's SQL registry when ``features.registry_url`` is set (several machines)."""
+    url = settings.features.registry_url
+    if url is None:
+        return {"registry_type": "file", "path": str(root / "registry.db"), "cache_ttl_seconds": 60}
+    return {"registry_type": "sql", "path": url.get_secret_value(), "cache_ttl_seconds": 60,
+            "sqlalchemy_config_kwargs": {"pool_pre_ping": True}}
 
 
 def write_store_yaml(settings: Settings) -> Path:

@@ -29,6 +29,7 @@ from aiokafka.errors import KafkaError as _ClientError
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from infra.settings import TopicSettings
+from infra.security import client_options
 from infra.contracts.events import Click, Impression, to_bytes
 
 T = TypeVar("T")
@@ -82,7 +83,9 @@ def wait_for_kafka(bootstrap: str, timeout_s: float) -> None:
 async def _reachable(bootstrap: str, timeout_s: float) -> bool:
     # No asyncio.wait_for here: cancelling bootstrap() leaks its connection. Connect and the
     # metadata request are each bounded by request_timeout_ms instead.
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=max(100, int(timeout_s * 500)))
+    client = AIOKafkaClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=max(100, int(timeout_s * 500)), **client_options()
+    )
     try:
         with _quiet_connect_errors():
             await client.bootstrap()
@@ -119,7 +122,7 @@ def ensure_topics(bootstrap: str, names: list[str], partitions: int) -> list[str
 
 
 async def _ensure_topics(bootstrap: str, names: list[str], partitions: int) -> list[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000, **client_options())
     try:
         with _quiet_connect_errors():
             await admin.start()
@@ -181,6 +184,7 @@ async def _produce(bootstrap: str, items: Iterable[tuple[str, bytes | None, byte
         linger_ms=5,
         max_batch_size=512 * 1024,
         request_timeout_ms=30_000,
+        **client_options(),
     )
     sent = 0
     try:
@@ -234,6 +238,7 @@ def _reader(bootstrap: str) -> AIOKafkaConsumer:
         fetch_max_wait_ms=100,
         max_partition_fetch_bytes=4 * 1024 * 1024,
         fetch_max_bytes=64 * 1024 * 1024,
+        **client_options(),
     )
 
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -58,7 +58,9 @@ class StreamsSettings(BaseModel):
     """The Faust stream worker (``osmf worker``)."""
 
     app_id: str = Field("osmf-worker", min_length=1, description="Consumer group and table-topic prefix.")
-    batch_size: int = Field(1000, ge=1, le=100_000, description="Events per micro-batch (stream.take_events).")
+    batch_size: int = Field(
+        1000, ge=1, le=100_000, description="Kafka messages per micro-batch (take_events); a batch message counts once."
+    )
     batch_within_s: float = Field(0.2, gt=0, description="Longest wait to fill a micro-batch.")
     dedupe_window_s: float = Field(3600.0, gt=0, description="Event-time window in which duplicate ids are dropped.")
     attribution_window_s: float = Field(1800.0, gt=0, description="Latest a click may follow its impression.")
@@ -66,6 +68,12 @@ class StreamsSettings(BaseModel):
         60.0, gt=0, description="An impression counts as not clicked for drift once this much event time passed."
     )
     max_groups: int = Field(8, ge=1, le=256, description="Most groups per product category.")
+    grouping_taste_alpha: float = Field(
+        1e-3,
+        gt=0,
+        le=1,
+        description="A category splits only once users differ in taste at this adjusted p-value; 1 = off (levels alone split).",
+    )
     min_pair_impressions: int = Field(100, ge=1, description="Impressions each creative needs before pairing.")
     pair_confidence: float = Field(0.95, gt=0.5, lt=1.0, description="P(CTR_A > CTR_B) needed for a pair.")
     outcome_partitions: int = Field(4, ge=1, le=1024, description="Partitions of the internal per-category topic.")
@@ -75,7 +83,23 @@ class StreamsSettings(BaseModel):
     metrics_port: int = Field(
         9108, ge=0, le=65535, description="Prometheus metrics port of worker 1 (worker i: +i-1); 0 = off."
     )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the worker's metrics bind to (0.0.0.0 in a container, with security.http_token)."
+    )
     workers: int = Field(1, ge=1, le=64, description="Worker processes started by `osmf worker`.")
+
+
+class ProducerSettings(BaseModel):
+    """How the product's producers (`osmf simulate`, `osmf replay`, ``infra.producer``) send events."""
+
+    batch: bool = Field(True, description="Many events per Kafka message (schema 2); false: one event a message.")
+    linger_ms: float = Field(
+        10.0, ge=0, le=10_000, description="Longest an event waits for its partition's batch to fill before it is sent."
+    )
+    batch_events: int = Field(500, ge=1, le=10_000, description="A batch is sent once it holds this many events ...")
+    batch_bytes: int = Field(
+        256 * 1024, ge=1024, le=1024 * 1024, description="... or would grow past this many bytes (1 MiB at most)."
+    )
 
 
 class SimulatorSettings(BaseModel):
@@ -225,6 +249,22 @@ class DPOSettings(BaseModel):
     sft_weight: float = Field(
         0.0, ge=0, le=10.0, description="Weight of TRL's SFT term on winners (0: pure sigmoid DPO loss)."
     )
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "bco_pair", "nca_pair"] = Field(
+        "sigmoid", description="TRL's DPO loss type (the SFT term is added beside it when its weight is above 0)."
+    )
+    preserve: Literal["mirror", "sft", "both", "off"] = Field(
+        "mirror", description="How a fit protects groups without pairs: mirror: other groups' pairs of its "
+        "category, both ways, under its prefix (holds its preference between the creatives the fit moves where "
+        "the incumbent has it); sft: its own sampled creatives as SFT-only rows (chosen == rejected); both; off."
+    )
+    preserve_weight: float = Field(
+        5.0, ge=0, le=100.0, description="preserve=mirror/both: the sampling weight of a mirrored pair against a "
+        "real one (its restoring force is second order in the drift, so it needs more weight than a real pair)."
+    )
+    preserve_sft_weight: float = Field(
+        1.0, ge=0, le=10.0, description="preserve=sft/both: the SFT weight when anchor rows train (at least; TRL has "
+        "one SFT weight for all rows, so winners get it too); 0 turns anchors off."
+    )
     seed: int = Field(0, description="Seeds pair order and dropout.")
 
 
@@ -253,6 +293,32 @@ class LoopSettings(BaseModel):
     ctr_products_per_group: int = Field(
         4, ge=1, le=1000, description="Gate with a world: products per group whose served creatives are simulated."
     )
+    ctr_interval_z: float = Field(
+        2.0, ge=0, le=10.0, description="Gate: a group may not lose more CTR than this many standard errors of the "
+        "difference (over its judged products), nor more than ctr_tolerance; 0: ctr_tolerance only."
+    )
+    min_ctr_drop: float = Field(
+        0.0005, ge=0, le=1, description="Gate: the interval never allows less than this drop (absolute)."
+    )
+    onpolicy_candidates: int = Field(
+        8, ge=2, le=256, description="On-policy rounds: creatives the live model samples per (group, product)."
+    )
+    onpolicy_temperature: float = Field(
+        1.0, gt=0, le=5.0, description="On-policy rounds: sampling temperature of those creatives."
+    )
+    onpolicy_impressions: int = Field(
+        2000, ge=1, description="On-policy rounds (benchmark): impressions each sampled creative gets in its group."
+    )
+    onpolicy_products: int = Field(
+        6, ge=1, le=1000, description="On-policy rounds (benchmark): products per group that get slates."
+    )
+    pair_min_lift: float = Field(
+        0.0, ge=0, le=100.0, description="On-policy pairs: the winner's observed CTR must be at least (1 + this) "
+        "times the loser's (a margin beside the miner's confidence)."
+    )
+    pair_best_winner: bool = Field(
+        False, description="On-policy pairs: keep per (group, product) only the pairs of the slate's best winner."
+    )
 
 
 class LearnerSettings(BaseModel):
@@ -267,6 +333,12 @@ class LearnerSettings(BaseModel):
         le=256,
         description="Torch CPU threads for training and inference. 1 for the tiny model: on 2 shared cores two "
         "threads were measured 10-50x slower under load (OpenMP waits); raise it for a large model.",
+    )
+    metrics_port: int = Field(
+        9120, ge=0, le=65535, description="Prometheus metrics port of `osmf learner run` on 127.0.0.1; 0 = off."
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the learner's metrics bind to (0.0.0.0 in a container, with security.http_token)."
     )
     model: ModelSettings = ModelSettings()
     pretrain: PretrainSettings = PretrainSettings()
@@ -290,6 +362,11 @@ class FeaturesSettings(BaseModel):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         description="Redis of the online store: redis://[:password@]host:port[/db] or Feast's 'host:port,db=0'.",
+    )
+    registry_url: SecretStr | None = Field(
+        None,
+        description="Feast SQL registry as an SQLAlchemy URL (e.g. postgresql+psycopg://feast:pw@postgres:5432/feast), "
+        "shared by every machine; None: a file registry under data_dir (one machine only).",
     )
     push_batch_rows: int = Field(1000, ge=1, le=100_000, description="A push is flushed once this many rows wait.")
     push_flush_s: float = Field(0.25, gt=0, le=60, description="Longest time a row waits before its push.")
@@ -400,6 +477,62 @@ class ServingSettings(BaseModel):
     )
 
 
+class DashboardSettings(BaseModel):
+    """The read-only CTR drift dashboard (``osmf dashboard``, docs/dashboard.md)."""
+
+    host: str = Field("127.0.0.1", description="Address the dashboard listens on (loopback: only this machine).")
+    port: int = Field(8050, ge=1, le=65535, description="HTTP port of the dashboard page.")
+    refresh_s: float = Field(5.0, ge=0.5, le=3600, description="Seconds between data refreshes of the page.")
+    ctr_bin_s: float = Field(
+        30.0, ge=1.0, le=86_400, description="Width of the time bins CTR and traffic share are drawn over."
+    )
+    thumbnails_per_group: int = Field(
+        3, ge=1, le=16, description="Creatives shown per group (those it was served most recently)."
+    )
+    scrape_timeout_s: float = Field(
+        1.0, gt=0, le=30, description="Timeout of one read of a component's /metrics (stream lag)."
+    )
+
+
+class KafkaSecurity(BaseModel):
+    """How every Kafka client (producers, Faust, learner, tools) authenticates and encrypts (docs/deployment.md)."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security.protocol; PLAINTEXT for the embedded broker."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism (protocol SASL_PLAINTEXT or SASL_SSL)."
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never logged or printed).")
+    ssl_cafile: Path | None = Field(None, description="CA bundle that signs the brokers' certificates (PEM).")
+    ssl_certfile: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    ssl_keyfile: Path | None = Field(None, description="Client private key (PEM) for mutual TLS.")
+    ssl_check_hostname: bool = Field(True, description="Check that a broker's certificate names its host.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> KafkaSecurity:
+        if self.protocol.startswith("SASL_") and (not self.sasl_username or self.sasl_password is None):
+            raise ValueError(
+                f"protocol {self.protocol} needs sasl_username and sasl_password; set OSMF_SECURITY__KAFKA__SASL_USERNAME "
+                "and OSMF_SECURITY__KAFKA__SASL_PASSWORD"
+            )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (mutual TLS); set both or neither")
+        return self
+
+
+class SecuritySettings(BaseModel):
+    """Security of the project's network endpoints (infra/security.py, docs/deployment.md)."""
+
+    http_token: SecretStr | None = Field(
+        None,
+        description="Bearer token every HTTP endpoint of the project asks for (metrics, dashboard); None: open "
+        "(they bind 127.0.0.1 by default).",
+    )
+    kafka: KafkaSecurity = KafkaSecurity()
+
+
 class Settings(BaseSettings):
     """All of OSMF's configuration in one object."""
 
@@ -414,11 +547,14 @@ class Settings(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     topics: TopicSettings = TopicSettings()
     streams: StreamsSettings = StreamsSettings()
+    producer: ProducerSettings = ProducerSettings()
     simulator: SimulatorSettings = SimulatorSettings()
     render: RenderSettings = RenderSettings()
     learner: LearnerSettings = LearnerSettings()
     features: FeaturesSettings = FeaturesSettings()
     serving: ServingSettings = ServingSettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    security: SecuritySettings = SecuritySettings()
 
     @field_validator("kafka_bootstrap")
     @classmethod

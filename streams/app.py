@@ -32,16 +32,15 @@ import faust
 from faust.streams import _current_event
 from faust.types import EventT, StreamT
 
+from infra.contracts.events import EventError
 from infra.contracts.messages import dead_letter_bytes
+from infra.security import faust_credentials
 from infra.contracts.messages import to_bytes as message_bytes
 from infra.settings import Settings
 from streams import metrics
-from streams.aggregate import AggregateConfig, AggregateStage, AggregateStores, FeatureFeed, OutcomeBatch
-from streams.drift import DriftMonitor
-from streams.grouping import GroupingConfig, ProductAwareGrouper
-from streams.ingest import BatchResult, IngestConfig, IngestStage
-from streams.journal import JournalStore
-from streams.pairs import PairMiner, PairMinerConfig
+from streams.aggregate import FeatureFeed, OutcomeBatch
+from streams.ingest import BatchResult
+from streams.stages import build_stages, collect_outcomes, ingest_partition
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,13 @@ def _short_fetch_wait() -> None:
     thread._osmf_fetch_wait = True
 
 
+CHUNK_BYTES = 512 * 1024
+"""Most message bytes of one partition stage 1 handles between two journal flushes (~1,000 events): keeps
+each changelog entry as small with batched messages as with single events."""
+OUTCOME_ROWS = 2_000
+"""A category's outcome message is sent once it holds this many rows (far under Kafka's 1 MB message limit)."""
+
+
 class Worker:
     """The Faust app with its topics, tables and the two stages, built from settings."""
 
@@ -80,6 +86,7 @@ class Worker:
         _short_fetch_wait()
         self.app = faust.App(
             cfg.app_id,
+            broker_credentials=faust_credentials(settings.security.kafka),
             broker=[f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")],
             store="memory://",
             web_enabled=False,
@@ -107,31 +114,9 @@ class Worker:
         def table(name: str, partitions: int) -> faust.Table:
             return self.app.Table(name, default=None, partitions=partitions, schema=json_schema)
 
-        window_ms = int(cfg.attribution_window_s * 1000)
-        self.seen = JournalStore(table("seen-journal", topics.partitions), int(cfg.dedupe_window_s * 1000))
-        self.index = JournalStore(table("impression-index-journal", topics.partitions), window_ms)
-        self.assigned = JournalStore(table("assigned-journal", cfg.outcome_partitions), window_ms)
-        self.stores = AggregateStores(
-            assigned=self.assigned,
-            ctr=table("ctr", cfg.outcome_partitions),
-            attr_ctr=table("attr-ctr", cfg.outcome_partitions),
-            user_groups=table("user-groups", cfg.outcome_partitions),
-            grouping=table("grouping", cfg.outcome_partitions),
-            group_profiles=table("group-profiles", cfg.outcome_partitions),
-        )
-        self.ingest = IngestStage(
-            IngestConfig(dedupe_window_ms=int(cfg.dedupe_window_s * 1000), attribution_window_ms=window_ms),
-            seen=self.seen,
-            index=self.index,
-        )
-        grouping_config = GroupingConfig(max_groups=cfg.max_groups)
-        self.aggregate = AggregateStage(
-            AggregateConfig(attribution_window_ms=window_ms, drift_label_delay_ms=int(cfg.drift_label_delay_s * 1000)),
-            self.stores,
-            new_grouper=lambda: ProductAwareGrouper(grouping_config),
-            miner=PairMiner(PairMinerConfig(min_impressions=cfg.min_pair_impressions, confidence=cfg.pair_confidence)),
-            drift=DriftMonitor(),
-        )
+        stages = self._stages = build_stages(settings, table)
+        self.seen, self.index, self.assigned = stages.seen, stages.index, stages.assigned
+        self.stores, self.ingest, self.aggregate = stages.stores, stages.ingest, stages.aggregate
         self.pusher = None
         self.feed: FeatureFeed | None = None
         if settings.features.enabled:
@@ -186,37 +171,47 @@ class Worker:
             await self._ingest_batch(stream, events)
 
     async def _ingest_batch(self, stream: StreamT, events: Sequence[EventT]) -> None:
-        metrics.BATCH_SIZE.observe(len(events))
         by_partition: dict[int, list[EventT]] = defaultdict(list)
         for event in events:
             message = event.message
             by_partition[message.partition].append(event)
             self._next_offset[(message.topic, message.partition)] = message.offset + 1
-            metrics.EVENTS_IN.labels(message.topic).inc()
         outcomes: dict[str, OutcomeBatch] = defaultdict(OutcomeBatch)
         before = _snapshot(self.ingest.counters)
+        n_events = 0
         for partition, part_events in by_partition.items():
-            with _table_context(part_events[-1]):
-                result = self.ingest.process(partition, [e.value for e in part_events])
-                watermark = self.ingest.watermark(partition)
-                self.seen.flush(partition, watermark)
-                self.index.flush(partition, watermark)
-            await self._dead_letter(result, part_events)
-            _collect(result, outcomes)
-            if self.feed is not None and result.impressions:
-                self._feed(self.feed.after_ingest, result.impressions)
-        for category, batch in outcomes.items():
-            await self.outcomes_topic.send(key=category.encode(), value=batch.to_bytes())
+            for chunk in _chunks(part_events, CHUNK_BYTES):
+                with _table_context(chunk[-1]):
+                    result = ingest_partition(self._stages, partition, [e.value or b"" for e in chunk])
+                n_events += sum(result.events_per_message)
+                _count_in(result, chunk)
+                await self._dead_letter(result, chunk)
+                collect_outcomes(result, outcomes)
+                if self.feed is not None and result.impressions:
+                    self._feed(self.feed.after_ingest, result.impressions)
+                await self._send_outcomes(outcomes, at_least=OUTCOME_ROWS)
+        await self._send_outcomes(outcomes, at_least=1)
+        metrics.BATCH_SIZE.observe(n_events)
         _count_ingest(before, self.ingest.counters)
+
+    async def _send_outcomes(self, outcomes: dict[str, OutcomeBatch], at_least: int) -> None:
+        """Send each category's outcome batch that holds ``at_least`` rows (keyed by category)."""
+        for category in list(outcomes):
+            batch = outcomes[category]
+            if len(batch.impressions) + len(batch.clicks) >= at_least:
+                await self.outcomes_topic.send(key=category.encode(), value=batch.to_bytes())
+                del outcomes[category]
 
     async def _dead_letter(self, result: BatchResult, part_events: Sequence[EventT]) -> None:
         if not result.rejected:
             return
         for rejected in result.rejected:
             message = part_events[rejected.position].message
+            error = rejected.error
+            if rejected.index is not None:
+                error = EventError(error.field, f"{error.reason} (event {rejected.index} of the batch message)")
             letter = dead_letter_bytes(
-                rejected.error, rejected.raw, source_topic=message.topic, partition=message.partition,
-                offset=message.offset,
+                error, rejected.raw, source_topic=message.topic, partition=message.partition, offset=message.offset,
             )
             await self.dead_letter_topic.send(key=message.key, value=letter)
             metrics.DEAD_LETTERED.labels(rejected.error.field).inc()
@@ -299,13 +294,24 @@ def _table_context(event: EventT) -> Iterator[None]:
         _current_event.reset(token)
 
 
-def _collect(result: BatchResult, outcomes: dict[str, OutcomeBatch]) -> None:
-    for imp in result.impressions:
-        outcomes[imp.category].impressions.append(
-            [imp.event_id, imp.user_id, imp.user, imp.product_id, imp.creative_id, imp.prompt, imp.ts]
-        )
-    for click in result.clicks:
-        outcomes[click.category].clicks.append([click.impression_id, click.ts])
+def _chunks(events: Sequence[EventT], max_bytes: int) -> Iterator[Sequence[EventT]]:
+    """Consecutive runs of ``events`` of at most ``max_bytes`` of values each (at least one event per run)."""
+    start, size = 0, 0
+    for i, event in enumerate(events):
+        length = len(event.value or b"")
+        if i > start and size + length > max_bytes:
+            yield events[start:i]
+            start, size = i, 0
+        size += length
+    if start < len(events):
+        yield events[start:]
+
+
+def _count_in(result: BatchResult, part_events: Sequence[EventT]) -> None:
+    for event, count in zip(part_events, result.events_per_message):
+        topic = event.message.topic
+        metrics.MESSAGES_IN.labels(topic).inc()
+        metrics.EVENTS_IN.labels(topic).inc(count)
 
 
 def _snapshot(counters: Any) -> dict[str, int]:

@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
-from infra.contracts.events import Click, EventError, Impression, parse_event
+from infra.contracts.events import BadEvent, Click, EventError, Impression, decode_message
 
 
 @dataclass(frozen=True)
@@ -48,17 +48,24 @@ class ClickOutcome:
 
 @dataclass(frozen=True)
 class Rejected:
-    """An event that failed validation (``position`` in the processed list): goes to the dead-letter topic."""
+    """An event that failed validation: goes to the dead-letter topic.
+
+    ``position`` is its message's place in the processed list; ``index`` its place in that
+    message's batch (None: the whole message was rejected).
+    """
 
     error: EventError
     raw: bytes
     position: int
+    index: int | None = None
 
 
 @dataclass
 class IngestCounters:
     """What stage 1 did, for metrics and reports."""
 
+    events: int = 0
+    """Valid events read (impressions and clicks, duplicates included)."""
     impressions: int = 0
     clicks_attributed: int = 0
     duplicates: int = 0
@@ -76,6 +83,8 @@ class BatchResult:
     impressions: list[Impression] = field(default_factory=list)
     clicks: list[ClickOutcome] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+    events_per_message: list[int] = field(default_factory=list)
+    """Events (valid or not) each processed message carried, in order."""
 
 
 Seen = MutableMapping[str, list]
@@ -128,24 +137,26 @@ class IngestStage:
         return self._watermark[partition]
 
     def process(self, partition: int, values: list[bytes]) -> BatchResult:
-        """Handle one partition's events in offset order; state changes go to the stores."""
+        """Handle one partition's messages (one event or a batch each) in offset order; state goes to the stores."""
         result = BatchResult()
         for position, raw in enumerate(values):
-            try:
-                event = parse_event(raw)
-            except EventError as err:
-                self.counters.rejected += 1
-                result.rejected.append(Rejected(err, raw, position))
-                continue
-            if event.event_id in self.seen:
-                self.counters.duplicates += 1
-                continue
-            if event.ts > self._watermark[partition]:
-                self._watermark[partition] = event.ts
-            if isinstance(event, Impression):
-                self._accept_impression(partition, event, result)
-            else:
-                self._accept_click(partition, event, result)
+            events = decode_message(raw)
+            result.events_per_message.append(len(events))
+            for event in events:
+                if isinstance(event, BadEvent):
+                    self.counters.rejected += 1
+                    result.rejected.append(Rejected(event.error, event.raw, position, event.index))
+                    continue
+                self.counters.events += 1
+                if event.event_id in self.seen:
+                    self.counters.duplicates += 1
+                    continue
+                if event.ts > self._watermark[partition]:
+                    self._watermark[partition] = event.ts
+                if isinstance(event, Impression):
+                    self._accept_impression(partition, event, result)
+                else:
+                    self._accept_click(partition, event, result)
         self._expire(partition)
         return result
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-EVENTS_IN = Counter("osmf_events_in_total", "Events read from the input topics.", ["topic"])
+EVENTS_IN = Counter("osmf_events_in_total", "Events read from the input topics (each event of a batch).", ["topic"])
+MESSAGES_IN = Counter("osmf_messages_in_total", "Kafka messages read from the input topics (one event or a batch).",
+                      ["topic"])
 EVENTS_ACCEPTED = Counter("osmf_events_accepted_total", "Valid, new events accepted by stage 1.", ["kind"])
 DEAD_LETTERED = Counter("osmf_dead_lettered_total", "Invalid events sent to the dead-letter topic.", ["field"])
 DUPLICATES = Counter("osmf_duplicates_total", "Events dropped as already seen (by event_id).", ["stage"])

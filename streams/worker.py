@@ -24,20 +24,19 @@ class WorkerStartError(RuntimeError):
 def run_worker(settings: Settings, index: int = 1, loglevel: str = "warning") -> None:
     """Run one worker until it is stopped (SIGINT/SIGTERM); serves metrics on ``metrics_port + index - 1``."""
     import faust
-    from prometheus_client import start_http_server
-
     from streams.app import Worker
     from infra.kafka import ensure_topics, wait_for_kafka
+    from infra.security import http_token, serve_metrics
 
     wait_for_kafka(settings.bootstrap_servers, timeout_s=30)
     ensure_topics(settings.bootstrap_servers, settings.topics.all_names(), settings.topics.partitions)
     if settings.streams.metrics_port:
         port = settings.streams.metrics_port + index - 1
         try:
-            start_http_server(port, addr="127.0.0.1")
+            serve_metrics(port, host=settings.streams.metrics_host, token=http_token(settings.security))
         except OSError as exc:
             raise WorkerStartError(
-                f"metrics port 127.0.0.1:{port} is not free ({exc.strerror}): another worker may be running "
+                f"metrics port {settings.streams.metrics_host}:{port} is not free ({exc.strerror}): another worker may be running "
                 f"(`pgrep -af 'osmf worker'`); stop it, or set OSMF_STREAMS__METRICS_PORT to a free port "
                 "(0 turns metrics off)"
             ) from None

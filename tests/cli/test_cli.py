@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from infra.settings import Settings
-from infra.contracts.events import Click, Impression, parse_event
+from infra.contracts.events import Click, Impression, parse_events
 from infra.kafka import consume_all
 
 runner = CliRunner()
@@ -152,7 +152,7 @@ def test_simulate_sends_exactly_what_the_world_generates(on_broker: Settings) ->
     )
     assert result.exit_code == 0, result.output
     records = consume_all(on_broker.bootstrap_servers, [on_broker.topics.impressions, on_broker.topics.clicks])
-    ours = [parse_event(r.value) for r in records if parse_event(r.value).ts >= start]
+    ours = [e for r in records for e in parse_events(r.value) if e.ts >= start]
     ours = [e for e in ours if e.event_id.startswith(_prefix_of(ours))]
     impressions = [e for e in ours if isinstance(e, Impression)]
     clicks = [e for e in ours if isinstance(e, Click)]

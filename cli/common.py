@@ -30,6 +30,7 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("sim.replay", "ReplayError"),
     ("learner.service", "LearnerServiceError"),
     ("serving.server", "ServingError"),
+    ("learner.export", "ExportError"),
 )
 """(module, exception) whose message is already a one-line explanation with a fix."""
 

@@ -13,6 +13,8 @@ from typing import Annotated
 import typer
 
 from cli.common import friendly_errors, load_settings, load_world, ready_bootstrap
+from cli.dashboard.command import dashboard_command
+from cli.export import export_app
 from cli.features import features_app
 from cli.learner import learner_app
 from cli.serve import serve_app
@@ -32,6 +34,8 @@ app.add_typer(replay_app, name="replay")
 app.add_typer(learner_app, name="learner")
 app.add_typer(features_app, name="features")
 app.add_typer(serve_app, name="serve")
+app.add_typer(export_app, name="export")
+app.command("dashboard")(dashboard_command)
 
 @app.callback()
 def _root(
@@ -120,13 +124,13 @@ def replay_taobao(
     ] = 1000,
 ) -> None:
     """Turn Taobao display-ad logs into impressions and clicks on the Kafka topics."""
-    from infra.kafka import produce_events
+    from infra.producer import produce
     from sim.replay import paced, read_taobao
 
     settings = load_settings()
     bootstrap = ready_bootstrap(settings)
     events, report = read_taobao(files, click_delay_ms=click_delay_ms)
-    sent = produce_events(bootstrap, paced(events, speedup), settings.topics)
+    sent = produce(bootstrap, paced(events, speedup), settings.topics, settings.producer)
     typer.echo(
         f"replayed {report.rows_read} rows: {report.impressions} impressions, {report.clicks} clicks "
         f"({sent} events sent to {bootstrap}); {report.missing_profiles} users without profile"
@@ -211,11 +215,17 @@ def simulate(
         int | None,
         typer.Option(help="Epoch ms of the first impression; default: now. Fix it to reproduce a stream exactly."),
     ] = None,
+    serve: Annotated[
+        bool,
+        typer.Option("--serve", help="Ask the creative client (Triton, `osmf serve start`) for every impression "
+                     "instead of showing random creatives; impressions carry the model version, group and creative "
+                     "id served, and clicks follow from the served pixels."),
+    ] = False,
 ) -> None:
     """Play the ad system: show creatives of the world's products and send impressions and clicks to Kafka."""
     from rich.progress import Progress
 
-    from infra.kafka import produce_events
+    from infra.producer import produce
     from sim.replay import paced
     from sim.simulate import counted, simulated_events, time_ordered, world_path
 
@@ -224,15 +234,34 @@ def simulate(
     bootstrap = ready_bootstrap(settings)
     rate = rate or settings.simulator.rate
     duration = duration or settings.simulator.duration_s
-    events = simulated_events(
-        loaded, settings, seed=settings.simulator.seed if seed is None else seed,
-        rate=rate, duration_s=duration, start_ts_ms=start_ts,
-    )
-    with Progress(transient=True) as progress:
-        task = progress.add_task("simulating", total=None)
-        live = paced(time_ordered(events), speedup=1.0)
-        sent = produce_events(bootstrap, counted(live, lambda: progress.advance(task)), settings.topics)
+    seed = settings.simulator.seed if seed is None else seed
+    chooser, client = None, None
+    if serve:
+        from serving.client import CreativeClient
+        from sim.adsystem import ServedChooser, catalogue, served_share
+
+        client = CreativeClient(settings, catalogue(loaded), seed=seed)
+        if client.live_version is None:
+            client.close()
+            typer.echo("error: --serve: no live model version; start serving with `osmf serve start` after the "
+                       "learner has published one", err=True)
+            raise typer.Exit(2)
+        chooser = ServedChooser(loaded, client)
+    events = simulated_events(loaded, settings, seed=seed, rate=rate, duration_s=duration, start_ts_ms=start_ts,
+                              chooser=chooser)
+    try:
+        with Progress(transient=True) as progress:
+            task = progress.add_task("simulating", total=None)
+            live = paced(time_ordered(events), speedup=1.0)
+            sent = produce(bootstrap, counted(live, lambda: progress.advance(task)), settings.topics,
+                           settings.producer)
+    finally:
+        if client is not None:
+            client.close()
     typer.echo(f"sent {sent} events ({rate:g} impressions/s for {duration:g} s) to {bootstrap}")
+    if chooser is not None:
+        shares = ", ".join(f"v{v} {s:.0%}" for v, s in served_share(chooser.counts).items())
+        typer.echo(f"served: {shares}; {chooser.counts.explored:,} explored, {chooser.counts.fallbacks:,} fallbacks")
 
 
 @app.command("demo")
@@ -278,7 +307,7 @@ def demo(
 BENCHMARKS: dict[str, str] = {
     "streams": "bench.streams", "grouping": "bench.grouping", "freshness": "bench.freshness",
     "feature-read": "bench.feature_read", "pretrain": "bench.pretrain", "alignment": "bench.alignment",
-    "group-dpo": "bench.group_dpo", "serving": "bench.serving",
+    "group-dpo": "bench.group_dpo", "serving": "bench.serving", "loop": "bench.loop",
 }
 """Benchmark name -> module under ``bench/`` exposing ``run(BenchOptions) -> dict``."""
 
@@ -290,6 +319,19 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="Small sizes; finishes in under a minute.")] = False,
     world: Annotated[
         Path | None, typer.Option(help="World YAML for benchmarks that simulate (default: their example world).")
+    ] = None,
+    seeds: Annotated[
+        int | None, typer.Option(min=1, help="alignment: repeats; figures are mean ± sd over them (default 1).")
+    ] = None,
+    rounds: Annotated[
+        int | None, typer.Option(min=0, help="alignment: on-policy rounds (default 1).")
+    ] = None,
+    gate: Annotated[
+        bool, typer.Option("--gate/--no-gate", help="alignment: refuse candidates that lower a group's CTR.")
+    ] = True,
+    rerank: Annotated[
+        str | None, typer.Option(help="alignment: whose click head picks the served creative: live (each model's "
+                                      "own) or base (the frozen pre-trained base).")
     ] = None,
 ) -> None:
     """Run a benchmark; it prints a summary table and ends with one JSON line of figures."""
@@ -310,6 +352,18 @@ def bench(
         raise typer.Exit(2)
     settings = load_settings()
     options = BenchOptions(quick=quick, world=world, output_dir=settings.data_dir / "bench")
+    if name == "alignment":
+        from bench.alignment import AlignmentOptions
+
+        if rerank not in (None, "live", "base"):
+            typer.echo(f"error: --rerank {rerank}: choose live or base", err=True)
+            raise typer.Exit(2)
+        options = AlignmentOptions(quick=quick, world=world, output_dir=options.output_dir, seeds=seeds or 1,
+                                   rounds=1 if rounds is None else rounds, gate=gate, rerank=rerank or "live")
+    elif seeds is not None or rounds is not None or not gate or rerank is not None:
+        typer.echo(f"error: --seeds, --rounds, --no-gate and --rerank are options of `osmf bench alignment`, "
+                   f"not {name!r}", err=True)
+        raise typer.Exit(2)
     figures = importlib.import_module(BENCHMARKS[name]).run(options)
     emit_result(name, figures)
 

@@ -27,6 +27,7 @@ from infra.kafka import TopicFollower, consume_all, produce_raw
 from infra.settings import LearnerSettings, Settings
 from learner.data import TrafficError, TrafficLog
 from features.group import GroupFeatures, read_group_features
+from learner.metrics import loop_state, start_learner_metrics
 from learner.loop import NEW, FeaturesFor, JudgeFor, LearnerLoop, group_feature_source
 from learner.model.artifact import MANIFEST, ArtifactError, verify_artifact
 from learner.model.gmllm import GMLLM
@@ -299,6 +300,9 @@ class LearnerService:
         code = 0
         try:
             self._read_dead_letters()
+            start_learner_metrics(self.learner.metrics_port, self.loop.history, self.loop.repository,
+                                  self.learner.loop.model_name, state=lambda: loop_state(self.loop),
+                                  host=self.learner.metrics_host)
             self._follow()
         except KeyboardInterrupt:
             self._stop.in_round = False

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from infra.security import http_token, serve_metrics
 
 
 class ClientMetrics:
@@ -29,4 +31,4 @@ class ClientMetrics:
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Expose the registry on ``http://host:port/metrics``."""
-        start_http_server(port, addr=host, registry=self.registry)
+        serve_metrics(port, host, self.registry, token=http_token())

@@ -8,6 +8,7 @@ Each outcome is one line in ``<data_dir>/serving/watcher.log``.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -30,7 +31,9 @@ def start_watcher(settings: Settings) -> int:
     pid, _ = _proc.live_pid(pid_file(settings), MARKER)
     if pid is not None:
         return pid
-    proc = _proc.spawn([sys.executable, "-m", MARKER], server.state_dir(settings) / "watcher.log", pid_file(settings))
+    env = {**os.environ, "OSMF_DATA_DIR": str(Path(settings.data_dir).resolve())}  # it runs in its state folder
+    proc = _proc.spawn([sys.executable, "-m", MARKER], server.state_dir(settings) / "watcher.log", pid_file(settings),
+                       env=env)
     return proc.pid
 
 

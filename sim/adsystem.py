@@ -52,8 +52,6 @@ class ServedChooser:
         self.world = world
         self.client = client
         self.counts = ServedCounts()
-        self.last_group: str | None = None
-        """Group of the latest creative chosen (the simulator asks and yields one impression at a time)."""
         self._features: dict[str, Mapping[str, float]] = {}
         self._lock = threading.Lock()
 
@@ -70,7 +68,6 @@ class ServedChooser:
             image = Image.open(io.BytesIO(served.png)).convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
             features = visual_features(image)
             self._features[key] = features
-        self.last_group = served.group_id
         with self._lock:
             self.counts.impressions[(served.model_version, served.group_id or "-")] += 1
             self.counts.fallbacks += bool(served.fallback)

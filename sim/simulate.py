@@ -191,6 +191,7 @@ def generate_events(
             prompt=shown.prompt.to_text(),
             model_version=shown.model_version,
             placement=placement,
+            group_id=shown.group_id,
         )
         delay = rng.randint(low_delay, high_delay)  # drawn either way: the traffic does not depend on the clicks
         yield impression
@@ -242,9 +243,10 @@ def world_path(settings: Settings, override: Path | None = None) -> Path:
 
 
 def simulated_events(
-    world: World, settings: Settings, *, seed: int, rate: float, duration_s: float, start_ts_ms: int | None
+    world: World, settings: Settings, *, seed: int, rate: float, duration_s: float, start_ts_ms: int | None,
+    chooser: Chooser | None = None,
 ) -> Iterator[Impression | Click]:
-    """The simulator's events; ``start_ts_ms`` None stamps them from the current time."""
+    """The simulator's events; ``start_ts_ms`` None stamps them from the current time; ``chooser``: see :func:`generate_events`."""
     start = start_ts_ms if start_ts_ms is not None else int(time.time() * 1000)
     return generate_events(
         world,
@@ -253,6 +255,7 @@ def simulated_events(
         rate=rate,
         creatives_per_product=settings.simulator.creatives_per_product,
         start_ts_ms=start,
+        chooser=chooser,
     )
 
 

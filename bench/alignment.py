@@ -1,38 +1,48 @@
-"""Alignment: per-group and worst-group simulated CTR of base, one-size DPO and Group-DPO, beside the oracle.
+"""Alignment: per-group and worst-group simulated CTR of base, one-size DPO and Group-DPO over on-policy rounds.
 
-One run, on any valid world file (default: example world B):
+One run, on any valid world file (default: example world B), ``--seeds N``
+repeats and ``--rounds R`` on-policy rounds:
 
 1. *Base.* Simulate the pre-training log (``learner.pretrain.impressions``
    random creatives, grouped as the stream worker groups) and pre-train the
-   G-MLLM on it (default configuration; ``--quick``: a tiny model).
-2. *Fresh pairs.* Simulate a second log of new random creatives (another
-   seed, the grouper frozen) and mine preference pairs from it with the
-   stream worker's :class:`streams.pairs.PairMiner`. Both methods get exactly
-   the same pairs (the *pair budget*: at most ``PAIR_BUDGET``, newest evidence
-   first) and the same :class:`infra.settings.DPOSettings`; 20 % of them (by
-   hash) are held out for the preference accuracy.
-3. *Fit.* From copies of the base: Group-DPO (group prefix, inverse-share
-   group weights) and one-size DPO (the same trainer, neutral prefix,
-   uniform weights, pairs pooled).
-4. *Judge.* For each learned group and the first products of its category,
-   the creative each model serves (sampled, reranked by its click head, as in
-   production) is scored by the world's click model, averaged over the group's
-   members' hidden segments (:class:`sim.judge.WorldCTR`). Random
+   G-MLLM on it (default configuration; ``--quick``: a tiny model). The base
+   is deterministic and shared by every seed; seeds vary the on-policy
+   sampling, the simulated clicks and the fits.
+2. *Arms.* From the base: **Group-DPO** (one target per learned group, the
+   group's features as prefix, inverse-share group weights, groups without
+   pairs anchored) and **one-size DPO** (one target per category: the same
+   features computed over the whole category, in the group format the base
+   was pre-trained on, so the comparison measures the method and not the
+   prompt; uniform weights, pairs pooled).
+3. *Rounds* (:mod:`bench.onpolicy`): each arm's live model samples K
+   creatives per (target, product); each is shown to the target's members in
+   the world; the stream worker's ``PairMiner`` mines pairs among them; the
+   arm fits from its live model; the gate keeps the candidate only if no
+   group's simulated CTR drops beyond its interval on products the benchmark
+   does not judge. Repeat.
+4. *Judge.* After every round, for each learned group and the first
+   ``learner.loop.ctr_products_per_group`` products of its category, the
+   creative each live model serves (sampled, reranked by its click head, as in
+   production) is scored by the world's click model, averaged over the
+   group's members' hidden segments (:class:`sim.judge.WorldCTR`). Random
    prompts give the floor and the best of 200 random prompts per product the
-   oracle ceiling. Reported per group, averaged, and for the worst group
-   (the lowest CTR of each model).
+   oracle ceiling.
+
+Figures are means ± sd over seeds of the per-seed mean over groups and
+worst group; ``lift_over_base`` = (Group-DPO − base) / base,
+``oracle_lift_fraction`` = (Group-DPO − base) / (oracle − base).
 
 A bar chart per group is saved as ``alignment.png`` under the bench output directory.
 The pre-trained base is kept there too (``alignment-base-<key>``, keyed by the
 world file and the model and pre-training settings) and reused by the next run
-of the same world and configuration: the base is deterministic, and its
-pre-training is most of a full run's time.
+of the same world and configuration.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +52,8 @@ from bench.common import QUICK_MODEL, BenchOptions, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD_B = ROOT / "sim" / "examples" / "world_b.yaml"
-PAIR_BUDGET = 2_000
-QUICK_PAIR_BUDGET = 300
-FRESH_IMPRESSIONS = 300_000
-QUICK_FRESH_IMPRESSIONS = 60_000
 ORACLE_PROMPTS = 200
+QUICK_ORACLE_PROMPTS = 40
 
 QUICK_LEARNER: dict[str, Any] = {
     "model": QUICK_MODEL,
@@ -54,9 +61,22 @@ QUICK_LEARNER: dict[str, Any] = {
                  "warmup_steps": 10, "feature_snapshots": 2},
     "generation": {"candidates": 4},
     "dpo": {"max_steps": 40, "batch_size": 8},
-    "loop": {"ctr_products_per_group": 2},
+    "loop": {"ctr_products_per_group": 2, "onpolicy_products": 2, "onpolicy_candidates": 6},
 }
 MODELS = ("base", "one-size DPO", "Group-DPO")
+
+
+@dataclass(frozen=True)
+class AlignmentOptions(BenchOptions):
+    """:class:`BenchOptions` plus ``seeds`` (repeats), ``rounds`` (on-policy rounds), ``gate``, ``rerank``
+    (``live``: each model's own click head picks the served creative; ``base``: the frozen base's) and
+    ``learner`` (overrides of the learner settings, nested dict, for experiments)."""
+
+    seeds: int = 1
+    rounds: int = 1
+    gate: bool = True
+    rerank: str = "live"
+    learner: dict[str, Any] = field(default_factory=dict)
 
 
 def run(options: BenchOptions) -> dict[str, Any]:
@@ -64,25 +84,49 @@ def run(options: BenchOptions) -> dict[str, Any]:
     from infra.settings import LearnerSettings
     from learner.pretrain import torch_threads
 
-    settings = LearnerSettings(**QUICK_LEARNER) if options.quick else LearnerSettings()
+    base = QUICK_LEARNER if options.quick else {}
+    overrides = getattr(options, "learner", {}) or {}
+    settings = LearnerSettings(**_merge(base, overrides))
     with torch_threads(settings.threads):
         return _run(options, settings)
 
 
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def category_features(train_log: Any) -> dict[str, Any]:
+    """Features of each whole category (``<category>/all``), computed like a group's: the one-size prefix."""
+    from dataclasses import replace
+
+    from features.group import read_group_features
+    from learner.data import TrafficLog
+
+    records = [replace(r, group_id=f"{r.category}/all") for r in train_log.records]
+    return read_group_features(TrafficLog(train_log.products, train_log.users, records, dict(train_log.meta)))
+
+
 def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
+    from rich.console import Console
     from rich.progress import Progress
 
-    from sim.logs import traffic_from_world
-    from sim.judge import WorldCTR, group_members
-    from sim.world import World
-    from learner.buffer import PairBuffer
-    from learner.dpo.heldout import heldout_figures
-    from learner.dpo.data import pairs_from_traffic
-    from learner.dpo.train import fit_group_dpo
+    from bench.onpolicy import Arm, default_gate, onpolicy_round
     from features.group import read_group_features
     from learner.model.gmllm import GMLLM
     from learner.pretrain import pretrain
+    from sim.judge import WorldCTR, group_members
+    from sim.logs import traffic_from_world
+    from sim.world import World
 
+    seeds = max(1, int(getattr(options, "seeds", 1)))
+    rounds = max(0, int(getattr(options, "rounds", 1)))
+    gated = bool(getattr(options, "gate", True))
     world_file = Path(options.world or WORLD_B)
     world = World.load(world_file)
     p = settings.pretrain
@@ -100,90 +144,199 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
             base, data, _ = pretrain(train_log, settings, lambda step, *_: progress.update(task, completed=step))
             features = data.features
             base.save(cache)
-        products = train_log.products
-        fresh_n = QUICK_FRESH_IMPRESSIONS if options.quick else FRESH_IMPRESSIONS
-        progress.update(task, description=f"simulating {fresh_n:,} fresh impressions", total=None)
-        fresh_log, _ = traffic_from_world(world, n_impressions=fresh_n, seed=p.traffic_seed + 1,
-                                          creatives_per_product=p.creatives_per_product, grouper=grouper, learn=False)
     base_s = time.perf_counter() - started
-    mined = pairs_from_traffic(fresh_log, groups=set(features))
-    budget = QUICK_PAIR_BUDGET if options.quick else PAIR_BUDGET
-    mined.sort(key=lambda pair: (-pair.evidence_level, -pair.prob_winner_better, pair.pair_id))
-    buffer = PairBuffer(capacity=max(1, budget))
-    for pair in mined[:budget]:
-        buffer.add(pair)
-    train_pairs, heldout_pairs = buffer.split(settings.loop.heldout_fraction)
-
+    products = train_log.products
     members = group_members(world, grouper)
-    judge = WorldCTR(world, members, features, products, settings.generation, settings.loop.ctr_products_per_group)
-    ctr: dict[str, dict[str, float]] = {"base": judge(base)}
-    sampled: dict[str, dict[str, float]] = {"base": dict(judge.last_sampled)}
-    fits: dict[str, Any] = {}
-    accuracy: dict[str, dict[str, float]] = {}
-    for name, one_size in (("one-size DPO", True), ("Group-DPO", False)):
-        if not train_pairs:
-            break
-        policy = base.copy()
-        with Progress(transient=True) as progress:
-            task = progress.add_task(f"fitting {name}", total=None)
-            fits[name] = fit_group_dpo(policy, base, train_pairs, features, products, settings.dpo,
-                                       one_size=one_size, on_log=lambda step, _: progress.update(task, completed=step))
-        ctr[name] = judge(policy, one_size=one_size)
-        sampled[name] = dict(judge.last_sampled)
-        new, _ = heldout_figures(policy, base, heldout_pairs, features, products, settings.dpo.beta, one_size)
-        accuracy[name] = {g: f.accuracy for g, f in new.items()}
-    random_ctr = judge.random_ctr()
-    oracle = judge.oracle_ctr(ORACLE_PROMPTS if not options.quick else 40)
-
+    loop = settings.loop
+    scorer = base if getattr(options, "rerank", "live") == "base" else None
+    judge = WorldCTR(world, members, features, products, settings.generation, loop.ctr_products_per_group,
+                     scorer=scorer)
     groups = judge.groups()
-    pair_counts = Counter(pair.group_id for pair in train_pairs)
-    models = [m for m in MODELS if m in ctr]
+    by_category: dict[str, list[str]] = {}
+    for group in groups:
+        by_category.setdefault(group.split("/", 1)[0], []).append(group)
+    one_size_features = {c: f for c, f in category_features(train_log).items() if c.split("/", 1)[0] in by_category}
+    one_size_members: dict[str, Counter] = {}
+    for category, in_category in by_category.items():
+        total: Counter = Counter()
+        for group in in_category:
+            total.update(members[group])
+        one_size_members[f"{category}/all"] = total
+    serve_one_size = {g: one_size_features[f"{g.split('/', 1)[0]}/all"] for g in groups}
+    judges = {
+        "base": judge, "Group-DPO": judge,
+        "one-size DPO": WorldCTR(world, members, serve_one_size, products, settings.generation,
+                                 loop.ctr_products_per_group, scorer=scorer),
+    }
+    gate_judges = {
+        name: WorldCTR(world, members, j.features, products, settings.generation, loop.ctr_products_per_group,
+                       first_product=loop.ctr_products_per_group, scorer=scorer)
+        for name, j in judges.items()
+    } if gated else {}
+    gate = default_gate(settings)
+
+    base_ctr = judge(base)
+    base_sampled = dict(judge.last_sampled)
+    # per model: per seed: per round (0 = base): ctr per group
+    series: dict[str, list[list[dict[str, float]]]] = {m: [] for m in MODELS[1:]}
+    sampled: dict[str, list[dict[str, float]]] = {m: [] for m in MODELS[1:]}
+    round_log: list[dict[str, Any]] = []
+    for seed in range(seeds):
+        arms = [
+            Arm("one-size DPO", base, dict(one_size_features), dict(one_size_members), one_size=True),
+            Arm("Group-DPO", base, {g: features[g] for g in groups}, {g: members[g] for g in groups},
+                one_size=False),
+        ]
+        for arm in arms:
+            trace = [base_ctr if arm.name == "Group-DPO" else judges[arm.name](base)]
+            live_sampled = dict(judges[arm.name].last_sampled)
+            for number in range(1, rounds + 1):
+                with Progress(transient=True) as progress:
+                    progress.add_task(f"seed {seed} round {number}: {arm.name}", total=None)
+                    figures = onpolicy_round(arm, world, products, settings, seed=seed, round_number=number,
+                                             gate_judge=gate_judges.get(arm.name), gate=gate)
+                candidate = figures.pop("candidate")
+                if candidate is None:
+                    trace.append(trace[-1])
+                    figures["candidate_ctr"] = None
+                else:
+                    ctr = judges[arm.name](candidate)
+                    figures["candidate_ctr"] = {g: round(v, 5) for g, v in ctr.items()}
+                    figures["candidate_mean"] = round(float(np.mean(list(ctr.values()))), 5)
+                    if figures["promoted"]:
+                        trace.append(ctr)
+                        live_sampled = dict(judges[arm.name].last_sampled)
+                    else:
+                        trace.append(trace[-1])
+                figures["live_mean"] = round(float(np.mean([trace[-1][g] for g in groups])), 5)
+                figures["live_worst"] = round(min(trace[-1][g] for g in groups), 5)
+                round_log.append({"seed": seed, "model": arm.name, **figures})
+                progress_line = (f"seed {seed} round {number} {arm.name}: {figures['pairs']} pairs "
+                                 f"({figures.get('mirrored', 0)} mirrored, {figures.get('anchors', 0)} anchors), "
+                                 f"{'promoted' if figures['promoted'] else 'kept: ' + figures['reason']}; "
+                                 f"live mean {figures['live_mean']:.4f} worst {figures['live_worst']:.4f}")
+                Console(stderr=True).print(progress_line, highlight=False)
+            series[arm.name].append(trace)
+            sampled[arm.name].append(live_sampled)
+    random_ctr = judge.random_ctr()
+    oracle = judge.oracle_ctr(QUICK_ORACLE_PROMPTS if options.quick else ORACLE_PROMPTS)
+
+    def stats(values: list[float]) -> tuple[float, float]:
+        return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+    final = {m: [trace[-1] for trace in series[m]] for m in series}
+    final["base"] = [base_ctr] * seeds
+    summary: dict[str, dict[str, float]] = {}
+    for model in MODELS:
+        means = [float(np.mean([c[g] for g in groups])) for c in final[model]]
+        worsts = [min(c[g] for g in groups) for c in final[model]]
+        (m, m_sd), (w, w_sd) = stats(means), stats(worsts)
+        summary[model] = {"mean": m, "mean_sd": m_sd, "worst": w, "worst_sd": w_sd}
+    summary["random"] = {"mean": float(np.mean([random_ctr[g] for g in groups])),
+                         "worst": min(random_ctr[g] for g in groups), "mean_sd": 0.0, "worst_sd": 0.0}
+    summary["oracle"] = {"mean": float(np.mean([oracle[g] for g in groups])), "worst": min(oracle[g] for g in groups),
+                         "mean_sd": 0.0, "worst_sd": 0.0}
+    per_round = []
+    for number in range(rounds + 1):
+        row: dict[str, Any] = {"round": number}
+        for model in series:
+            means = [float(np.mean([trace[number][g] for g in groups])) for trace in series[model]]
+            worsts = [min(trace[number][g] for g in groups) for trace in series[model]]
+            (m, m_sd), (w, w_sd) = stats(means), stats(worsts)
+            row[model] = {"mean": round(m, 5), "mean_sd": round(m_sd, 5), "worst": round(w, 5),
+                          "worst_sd": round(w_sd, 5)}
+        per_round.append(row)
+    per_group: dict[str, dict[str, Any]] = {}
+    for group in groups:
+        entry: dict[str, Any] = {}
+        for model in MODELS:
+            m, sd = stats([c[group] for c in final[model]])
+            entry[model] = {"mean": round(m, 5), "sd": round(sd, 5)}
+        g, g_sd = entry["Group-DPO"]["mean"], entry["Group-DPO"]["sd"]
+        o, o_sd = entry["one-size DPO"]["mean"], entry["one-size DPO"]["sd"]
+        entry["above_base_1sd"] = bool(g - g_sd > entry["base"]["mean"])
+        entry["above_one_size_1sd"] = bool(g - max(g_sd, o_sd) > o)
+        per_group[group] = entry
+    pair_counts: Counter = Counter()
+    for entry in round_log:
+        if entry["model"] == "Group-DPO":
+            pair_counts.update(entry["pairs_per_group"])
+
+    g_sum, b_sum, o_sum, one = summary["Group-DPO"], summary["base"], summary["oracle"], summary["one-size DPO"]
+    lift = {"mean": (g_sum["mean"] - b_sum["mean"]) / b_sum["mean"],
+            "worst": (g_sum["worst"] - b_sum["worst"]) / b_sum["worst"]}
+    headroom = o_sum["mean"] - b_sum["mean"]
+    oracle_fraction = (g_sum["mean"] - b_sum["mean"]) / headroom if headroom > 0 else float("nan")
+    goals = {
+        "lift_mean_ge_10pct": lift["mean"] >= 0.10,
+        "lift_worst_ge_0": lift["worst"] >= 0.0,
+        "worst_ge_1.1x_one_size": g_sum["worst"] >= 1.1 * one["worst"],
+        "oracle_lift_fraction_ge_0.5": oracle_fraction >= 0.5,
+    }
+
+    def pm(model: str, key: str) -> str:
+        s = summary[model]
+        return f"{s[key]:.4f} ± {s[key + '_sd']:.4f}"
+
     rows = []
     for group in groups:
         majority, count = members[group].most_common(1)[0]
         rows.append([group, f"{majority} ({count / sum(members[group].values()):.0%})", pair_counts.get(group, 0),
-                     random_ctr[group], *(ctr[m][group] for m in models), oracle[group]])
-    summary = {m: {"mean": float(np.mean([ctr[m][g] for g in groups])), "worst": min(ctr[m][g] for g in groups)}
-               for m in models}
-    summary["random"] = {"mean": float(np.mean([random_ctr[g] for g in groups])),
-                         "worst": min(random_ctr[g] for g in groups)}
-    summary["oracle"] = {"mean": float(np.mean([oracle[g] for g in groups])), "worst": min(oracle[g] for g in groups)}
+                     random_ctr[group], *(f"{per_group[group][m]['mean']:.4f} ± {per_group[group][m]['sd']:.4f}"
+                                          for m in MODELS), oracle[group],
+                     ("↑base " if per_group[group]["above_base_1sd"] else "") +
+                     ("↑1size" if per_group[group]["above_one_size_1sd"] else "")])
     for label in ("mean", "worst"):
-        rows.append([f"[{label} group]", "", len(train_pairs), summary["random"][label],
-                     *(summary[m][label] for m in models), summary["oracle"][label]])
-    print_table(f"alignment on {world.name}: simulated CTR of the served creative per group",
-                ["group", "majority segment", "train pairs", "random", *models, "oracle"], rows)
-    if fits:
-        print_table("fits (same pairs, same settings)", ["model", "steps", "s", "pairs/s", "held-out accuracy"],
-                    [[m, f.steps, round(f.seconds, 1), round(f.samples_per_s, 1),
-                      round(float(np.mean(list(accuracy[m].values()))), 3) if accuracy[m] else "n/a"]
-                     for m, f in fits.items()])
+        rows.append(["mean of groups" if label == "mean" else "worst group", "", sum(pair_counts.values()),
+                     summary["random"][label],
+                     *(pm(m, label) for m in MODELS), summary["oracle"][label], ""])
+    print_table(f"alignment on {world.name}: simulated CTR of the served creative per group after {rounds} "
+                f"on-policy round(s), mean ± sd over {seeds} seed(s)",
+                ["group", "majority segment", "pairs (all rounds)", "random", *MODELS, "oracle",
+                 "Group-DPO > (1 sd)"], rows)
+    print_table("per round (live models, mean ± sd over seeds)", ["round", "model", "mean", "worst"],
+                [[r["round"], m, f"{r[m]['mean']:.4f} ± {r[m]['mean_sd']:.4f}",
+                  f"{r[m]['worst']:.4f} ± {r[m]['worst_sd']:.4f}"] for r in per_round for m in series])
+    mean_ctr = {m: {g: float(np.mean([c[g] for c in final[m]])) for g in groups} for m in MODELS}
     plot = _plot(options.output_dir / ("alignment-quick.png" if options.quick else "alignment.png"), world.name,
-                 groups, {"random": random_ctr, **ctr, "oracle": oracle})
+                 groups, {"random": random_ctr, **mean_ctr, "oracle": oracle})
+    total_pairs = sum(pair_counts.values())
     figures: dict[str, Any] = {
         "world": world.name,
+        "world_file": str(world_file),
         "quick": options.quick,
+        "seeds": seeds,
+        "rounds": rounds,
+        "gate": gated,
+        "rerank": getattr(options, "rerank", "live"),
         "groups": len(groups),
-        "pairs_mined": len(mined),
-        "pairs_train": len(train_pairs),
-        "pairs_heldout": len(heldout_pairs),
+        "pairs_train": total_pairs,
         "pairs_per_group": dict(sorted(pair_counts.items())),
         "base_seconds": round(base_s, 1),
-        "ctr_per_group": {m: {g: round(v, 5) for g, v in ctr[m].items()} for m in models},
-        "sampled_ctr_per_group": {m: {g: round(v, 5) for g, v in sampled[m].items()} for m in models},
+        "seconds": round(time.perf_counter() - started, 1),
+        "ctr_per_group": {m: {g: round(v, 5) for g, v in mean_ctr[m].items()} for m in MODELS},
+        "sampled_ctr_per_group": {"base": {g: round(v, 5) for g, v in base_sampled.items()},
+                                  **{m: {g: round(float(np.mean([s[g] for s in sampled[m] if g in s])), 5)
+                                         for g in groups} for m in sampled}},
         "random_ctr_per_group": {g: round(v, 5) for g, v in random_ctr.items()},
         "oracle_ctr_per_group": {g: round(v, 5) for g, v in oracle.items()},
         "summary": {m: {k: round(v, 5) for k, v in s.items()} for m, s in summary.items()},
-        "heldout_accuracy": {m: {g: round(v, 4) for g, v in a.items()} for m, a in accuracy.items()},
-        "fit_seconds": {m: round(f.seconds, 1) for m, f in fits.items()},
+        "per_round": per_round,
+        "per_group": per_group,
+        "lift_over_base": {k: round(v, 4) for k, v in lift.items()},
+        "oracle_lift_fraction": round(oracle_fraction, 4),
+        "goals": goals,
+        "rounds_log": round_log,
+        "settings": {"dpo": settings.dpo.model_dump(mode="json"),
+                     "loop": settings.loop.model_dump(mode="json", exclude={"model_repository"}),
+                     "generation": settings.generation.model_dump(mode="json")},
         "plot": str(plot),
     }
-    if "Group-DPO" in summary and "one-size DPO" in summary:
-        figures["group_vs_one_size_mean"] = round(summary["Group-DPO"]["mean"] / summary["one-size DPO"]["mean"], 4)
-        figures["group_vs_one_size_worst"] = round(summary["Group-DPO"]["worst"] / summary["one-size DPO"]["worst"], 4)
-        figures["group_vs_base_mean"] = round(summary["Group-DPO"]["mean"] / summary["base"]["mean"], 4)
-    else:
-        figures["note"] = "no preference pair was mined from the fresh log; only the base is reported"
+    figures["group_vs_one_size_mean"] = round(g_sum["mean"] / one["mean"], 4)
+    figures["group_vs_one_size_worst"] = round(g_sum["worst"] / one["worst"], 4)
+    figures["group_vs_base_mean"] = round(g_sum["mean"] / b_sum["mean"], 4)
+    if not total_pairs:
+        figures["note"] = "no preference pair was mined in any round; the fine-tunes stayed at the base"
     return figures
 
 

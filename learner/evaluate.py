@@ -71,8 +71,13 @@ def choose_creative(
     product: ProductRecord,
     settings: GenerationSettings,
     seed: int = 0,
+    scorer: GMLLM | None = None,
 ) -> CreativeChoice:
     """Sample ``settings.candidates`` prompts; keep the one the model's click head scores highest (or the first).
+
+    ``scorer`` reranks with another model's click head instead (e.g. the
+    pre-trained base, frozen: a Group-DPO fit trains generation and can
+    wear down the click head of the model it trains).
 
     When no candidate parses (possible only without constrained decoding, or
     when ``max_new_tokens`` is too short) a random prompt seeded by ``seed``
@@ -92,7 +97,7 @@ def choose_creative(
         return CreativeChoice(random_prompt(random.Random(f"fallback:{seed}")), candidates, [], True)
     if not settings.rerank or len(valid) == 1:
         return CreativeChoice(valid[0].prompt, candidates, [], False)  # type: ignore[arg-type]
-    scores = gmllm.click_probability([(group, product, c.text) for c in valid]).tolist()
+    scores = (scorer or gmllm).click_probability([(group, product, c.text) for c in valid]).tolist()
     best = int(np.argmax(scores))
     return CreativeChoice(valid[best].prompt, candidates, scores, False)  # type: ignore[arg-type]
 

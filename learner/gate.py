@@ -30,6 +30,7 @@ class GroupFigures:
     accuracy: float
     mean_margin: float
     ctr: float | None = None
+    ctr_se: float | None = None
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,23 @@ class GateConfig:
         A group's preference accuracy can block promotion only from this
         many held-out pairs on (fewer are too noisy to judge by; they still
         count in the pair-weighted overall figure).
+    ctr_interval_z
+        With standard errors of the CTR (``GroupFigures.ctr_se``, over the
+        judged products), a group may also not drop by more than this many
+        standard errors of the difference: its allowed drop is
+        ``min(ctr_tolerance, z * sqrt(se_new² + se_old²))`` when ``z > 0``
+        (never looser than ``ctr_tolerance``; at least ``min_ctr_drop``).
+    min_ctr_drop
+        The allowed drop never goes below this (so two identical models
+        always pass their CTR check).
     """
 
     accuracy_tolerance: float = 0.05
     ctr_tolerance: float = 0.002
     min_gain: float = 0.0
     min_group_pairs: int = 10
+    ctr_interval_z: float = 0.0
+    min_ctr_drop: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -87,15 +99,31 @@ def decide(
         if new.pairs >= config.min_group_pairs and new.accuracy < old.accuracy - config.accuracy_tolerance:
             return _decision(False, f"group {group}: preference accuracy {new.accuracy:.3f} < "
                              f"{old.accuracy:.3f} - {config.accuracy_tolerance} (incumbent)", candidate, incumbent, judged)
-        if group in judged and new.ctr < old.ctr - config.ctr_tolerance:  # type: ignore[operator]
+        allowed = ctr_allowed_drop(new, old, config)
+        if group in judged and new.ctr < old.ctr - allowed:  # type: ignore[operator]
             return _decision(False, f"group {group}: simulated CTR {new.ctr:.4f} < {old.ctr:.4f} - "
-                             f"{config.ctr_tolerance} (incumbent)", candidate, incumbent, judged)
+                             f"{allowed:.4g} (incumbent)", candidate, incumbent, judged)
     new_overall, old_overall = _overall(candidate, judged), _overall(incumbent, judged)
     if new_overall <= old_overall + config.min_gain:
         what = "mean simulated CTR" if judged else "preference accuracy"
         return _decision(False, f"overall {what} {new_overall:.4f} does not beat {old_overall:.4f}",
                          candidate, incumbent, judged)
     return _decision(True, "no group regressed and the overall figure improved", candidate, incumbent, judged)
+
+
+def ctr_allowed_drop(new: GroupFigures, old: GroupFigures, config: GateConfig) -> float:
+    """How much CTR a group may lose: ``ctr_tolerance``, narrowed to its interval when standard errors are known.
+
+    >>> a = GroupFigures("a", 0, 0.5, 0.0, ctr=0.03, ctr_se=0.0003)
+    >>> round(ctr_allowed_drop(a, a, GateConfig(ctr_tolerance=0.002, ctr_interval_z=2.0)), 6)
+    0.000849
+    >>> ctr_allowed_drop(a, a, GateConfig(ctr_tolerance=0.002))
+    0.002
+    """
+    if config.ctr_interval_z <= 0 or new.ctr_se is None or old.ctr_se is None:
+        return config.ctr_tolerance
+    interval = config.ctr_interval_z * (new.ctr_se**2 + old.ctr_se**2) ** 0.5
+    return max(config.min_ctr_drop, min(config.ctr_tolerance, interval))
 
 
 def ctr_groups(candidate: Mapping[str, GroupFigures], incumbent: Mapping[str, GroupFigures]) -> set[str]:

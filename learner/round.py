@@ -62,17 +62,26 @@ def gate_config(settings: LearnerSettings) -> GateConfig:
     loop = settings.loop
     return GateConfig(
         accuracy_tolerance=loop.accuracy_tolerance, ctr_tolerance=loop.ctr_tolerance, min_gain=loop.min_gain,
-        min_group_pairs=loop.min_group_pairs,
+        min_group_pairs=loop.min_group_pairs, ctr_interval_z=loop.ctr_interval_z, min_ctr_drop=loop.min_ctr_drop,
     )
 
 
-def with_ctr(figures: dict[str, GroupFigures], ctr: Mapping[str, float]) -> dict[str, GroupFigures]:
-    """``figures`` with each group's simulated CTR filled in (groups only the judge knows get 0 pairs, 0.5 accuracy)."""
+def with_ctr(figures: dict[str, GroupFigures], ctr: Mapping[str, float],
+             se: Mapping[str, float] | None = None) -> dict[str, GroupFigures]:
+    """``figures`` with each group's simulated CTR (and its standard error, when ``se`` has it) filled in;
+    groups only the judge knows get 0 pairs, 0.5 accuracy."""
     out = dict(figures)
     for group, value in ctr.items():
         base = out.get(group, GroupFigures(group, 0, 0.5, 0.0))
-        out[group] = dataclasses.replace(base, ctr=float(value))
+        error = (se or {}).get(group)
+        out[group] = dataclasses.replace(base, ctr=float(value), ctr_se=None if error is None else float(error))
     return out
+
+
+def judged(served_ctr: ServedCTR, gmllm: GMLLM, one_size: bool = False) -> tuple[dict[str, float], dict[str, float]]:
+    """CTR per group of ``gmllm`` by ``served_ctr`` and the standard errors it reports (``last_se``; may be empty)."""
+    ctr = served_ctr(gmllm, one_size)
+    return ctr, dict(getattr(served_ctr, "last_se", None) or {})
 
 
 def run_round(
@@ -128,7 +137,8 @@ def run_round(
     }
     new, old = heldout_figures(candidate, incumbent, heldout, features, products, settings.dpo.beta, one_size)
     if served_ctr is not None:
-        new, old = with_ctr(new, served_ctr(candidate, one_size)), with_ctr(old, served_ctr(incumbent, one_size))
+        new = with_ctr(new, *judged(served_ctr, candidate, one_size))
+        old = with_ctr(old, *judged(served_ctr, incumbent, one_size))
     if not new:
         gate = {"promote": False, "reason": "no held-out pairs and no simulator: nothing to judge the candidate by"}
         return RoundOutcome(record("kept: " + gate["reason"], gate, incumbent_version, fit.losses, training),

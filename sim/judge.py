@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from infra.contracts.prompt import CreativePrompt, random_prompt
+from infra.contracts.prompt import CreativePrompt, parse_prompt, random_prompt
 from infra.settings import GenerationSettings, LearnerSettings, Settings
 from learner.data import ProductRecord, TrafficLog
 from learner.dpo.data import one_size_prefix
@@ -34,6 +34,7 @@ from learner.service import JudgeFactory
 from sim.oracle import sample_prompts
 from sim.schema import WorldError
 from sim.world import Product, World
+from streams.ctr import CreativeStats
 from streams.grouping import ProductAwareGrouper
 
 if TYPE_CHECKING:
@@ -75,6 +76,9 @@ def group_ctr(world: World, members: Counter, product: Product, prompt: Creative
 class WorldCTR:
     """Simulated CTR per group of the creatives a model serves; callable as a ``served_ctr`` judge.
 
+    After a call, ``last_se`` holds each group's standard error over its
+    judged products and ``last_per_product`` the served CTR per product.
+
     Parameters
     ----------
     world, members
@@ -84,7 +88,12 @@ class WorldCTR:
     generation
         How creatives are sampled and chosen (as served).
     products_per_group
-        The first this many products of each group's category are judged.
+        The first this many products of each group's category are judged ...
+    first_product
+        ... from this index on (another slice of the catalogue: a gate's judge
+        that does not see the benchmark's judged products).
+    scorer
+        Rerank candidates with this model's click head (default: the judged model's own).
     """
 
     world: World
@@ -94,6 +103,10 @@ class WorldCTR:
     generation: GenerationSettings
     products_per_group: int = 4
     last_sampled: dict[str, float] = field(default_factory=dict)
+    first_product: int = 0
+    last_se: dict[str, float] = field(default_factory=dict)
+    last_per_product: dict[str, list[float]] = field(default_factory=dict)
+    scorer: GMLLM | None = None
 
     def groups(self) -> list[str]:
         """Groups that have both features and members."""
@@ -102,23 +115,27 @@ class WorldCTR:
     def judged_products(self, group: str) -> list[Product]:
         """The products of ``group``'s category that are judged."""
         category = group.split("/", 1)[0]
-        return [p for p in self.world.products.get(category, []) if p.id in self.products][: self.products_per_group]
+        known = [p for p in self.world.products.get(category, []) if p.id in self.products]
+        return known[self.first_product : self.first_product + self.products_per_group]
 
     def __call__(self, gmllm: GMLLM, one_size: bool = False) -> dict[str, float]:
         """Mean CTR per group of the served creative; ``last_sampled`` gets the mean over all candidates."""
         served: dict[str, float] = {}
-        self.last_sampled = {}
+        self.last_sampled, self.last_se, self.last_per_product = {}, {}, {}
         for group in self.groups():
             counts = self.members[group]
             prefix = one_size_prefix(group.split("/", 1)[0]) if one_size else self.features[group]
             chosen, sampled = [], []
             for index, product in enumerate(self.judged_products(group)):
-                choice = choose_creative(gmllm, prefix, self.products[product.id], self.generation, seed=index)
+                choice = choose_creative(gmllm, prefix, self.products[product.id], self.generation, seed=index,
+                                         scorer=self.scorer)
                 chosen.append(group_ctr(self.world, counts, product, choice.prompt))
                 valid = [c.prompt for c in choice.candidates if c.prompt is not None]
                 sampled.extend(group_ctr(self.world, counts, product, p) for p in valid)
             if chosen:
                 served[group] = float(np.mean(chosen))
+                self.last_per_product[group] = [float(v) for v in chosen]
+                self.last_se[group] = float(np.std(chosen, ddof=1) / np.sqrt(len(chosen))) if len(chosen) > 1 else 0.0
                 self.last_sampled[group] = float(np.mean(sampled)) if sampled else served[group]
         return served
 
@@ -190,3 +207,36 @@ def world_judge_factory(world: World, settings: Settings, learner: LearnerSettin
         return judge_for
 
     return factory
+
+
+def simulate_slate_traffic(
+    world: World,
+    members: Mapping[str, Counter],
+    slates: Mapping[tuple[str, str], list[str]],
+    impressions_per_creative: int,
+    seed: int = 0,
+) -> dict[tuple[str, str], dict[str, CreativeStats]]:
+    """Impressions and clicks of on-policy slates: every creative of a (group, product) slate is shown
+    ``impressions_per_creative`` times to the group's members.
+
+    A member is drawn uniformly (its hidden segment by membership) and clicks
+    with the world's click probability, so a creative's clicks are
+    ``Binomial(n, group_ctr)`` of :func:`group_ctr` (the judge's figure; no
+    user or product offsets). Returns counts per slate and prompt text.
+    Slates of groups without members or of products the world lacks are left out.
+    """
+    by_id = {product.id: product for product in world.all_products()}
+    rng = np.random.default_rng(seed)
+    out: dict[tuple[str, str], dict[str, CreativeStats]] = {}
+    for (group, product_id), prompts in sorted(slates.items()):
+        counts = members.get(group)
+        product = by_id.get(product_id)
+        if not counts or product is None:
+            continue
+        out[(group, product_id)] = {
+            text: CreativeStats(impressions_per_creative,
+                                int(rng.binomial(impressions_per_creative,
+                                                 group_ctr(world, counts, product, parse_prompt(text)))))
+            for text in prompts
+        }
+    return out

@@ -111,14 +111,44 @@ def preference_rows(
     return rows
 
 
+def anchor_preference_rows(
+    anchors: Sequence[Any],
+    features: Mapping[str, GroupFeatures | str],
+    products: Mapping[str, ProductRecord],
+    eos_token: str,
+) -> dict[str, list[Any]]:
+    """Rows of anchors (``group_id``, ``product_id``, ``prompt``): ``chosen == rejected`` = the anchored creative.
+
+    The DPO term of such a row is constant (its margin is 0 whatever the
+    weights), so only the SFT term acts on it: it keeps the creative likely
+    for its group (a preservation term, :mod:`learner.dpo.onpolicy`).
+    Anchors of unknown groups or products are skipped.
+    """
+    rows: dict[str, list[Any]] = {"prompt": [], "images": [], "chosen": [], "rejected": [], "group_id": []}
+    for anchor in anchors:
+        if anchor.group_id not in features or anchor.product_id not in products:
+            continue
+        product = products[anchor.product_id]
+        rows["prompt"].append(generation_input(features[anchor.group_id], product))
+        rows["images"].append([product.rgb_image()])
+        rows["chosen"].append(anchor.prompt + eos_token)
+        rows["rejected"].append(anchor.prompt + eos_token)
+        rows["group_id"].append(anchor.group_id)
+    return rows
+
+
 def preference_dataset(
     pairs: Sequence[PreferencePair],
     features: Mapping[str, GroupFeatures | str],
     products: Mapping[str, ProductRecord],
     eos_token: str,
     one_size: bool = False,
+    anchors: Sequence[Any] = (),
 ) -> Any:
-    """A ``datasets.Dataset`` of :func:`preference_rows` (raises ``ValueError`` when no pair is usable)."""
+    """A ``datasets.Dataset`` of :func:`preference_rows` then :func:`anchor_preference_rows`.
+
+    Raises ``ValueError`` when no pair is usable.
+    """
     from datasets import Dataset
 
     kept, skipped = usable_pairs(pairs, features, products, one_size)
@@ -127,7 +157,11 @@ def preference_dataset(
             f"no usable preference pair among {len(pairs)}: {skipped.unknown_group} of unknown groups, "
             f"{skipped.unknown_product} of unknown products; check that features and the catalogue cover them"
         )
-    return Dataset.from_dict(preference_rows(kept, features, products, eos_token, one_size))
+    rows = preference_rows(kept, features, products, eos_token, one_size)
+    if anchors and not one_size:
+        for column, values in anchor_preference_rows(anchors, features, products, eos_token).items():
+            rows[column].extend(values)
+    return Dataset.from_dict(rows)
 
 
 def creative_id(prompt: str) -> str:

@@ -39,6 +39,7 @@ class FitResult:
     pairs_seen: int = 0
     losses: list[float] = field(default_factory=list)
     margins: list[float] = field(default_factory=list)
+    anchors: int = 0
 
     @property
     def samples_per_s(self) -> float:
@@ -46,11 +47,21 @@ class FitResult:
         return self.pairs_seen / self.seconds if self.seconds > 0 else float("nan")
 
 
+def sft_coefficient(settings: DPOSettings, anchored: bool = False) -> float:
+    """Weight of TRL's SFT term: ``sft_weight`` (RPO on winners), at least ``preserve_sft_weight`` when anchors train.
+
+    TRL applies one SFT weight to every row's chosen completion, so the
+    winners of pairs and the anchors of groups without pairs share it.
+    """
+    return max(settings.sft_weight, settings.preserve_sft_weight if anchored else 0.0)
+
+
 def dpo_config(settings: DPOSettings, output_dir: str | Path, steps: int, one_size: bool = False,
-               **overrides: Any) -> GroupDPOConfig:
+               anchored: bool = False, **overrides: Any) -> GroupDPOConfig:
     """The TRL configuration of a fit: CPU, fp32, no checkpointing, no saving, no reporting."""
-    loss_type = ["sigmoid", "sft"] if settings.sft_weight > 0 else ["sigmoid"]
-    extra: dict[str, Any] = {"loss_weights": [1.0, settings.sft_weight]} if settings.sft_weight > 0 else {}
+    sft = sft_coefficient(settings, anchored)
+    loss_type = [settings.loss_type, "sft"] if sft > 0 else [settings.loss_type]
+    extra: dict[str, Any] = {"loss_weights": [1.0, sft]} if sft > 0 else {}
     return GroupDPOConfig(
         output_dir=str(output_dir),
         use_cpu=True,
@@ -100,6 +111,7 @@ def fit_group_dpo(
     steps: int | None = None,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     trainer_class: Any = None,
+    anchors: Sequence[Any] = (),
 ) -> FitResult:
     """Train ``policy`` (in place) with Group-DPO against ``reference`` on ``pairs``.
 
@@ -107,6 +119,11 @@ def fit_group_dpo(
     ``pair_weights`` (one per pair, e.g. recency) multiply the group weights.
     ``trainer_class`` swaps the trainer (the ``group-dpo`` benchmark passes TRL's
     own ``DPOTrainer``). ``on_log(step, logs)`` sees TRL's logged figures.
+    ``anchors`` (:class:`learner.dpo.onpolicy.Anchor`: creatives of groups
+    without pairs, ``chosen == rejected``) add rows that only the SFT term
+    acts on, weighted ``preserve_sft_weight`` (:func:`sft_coefficient`); they are
+    ignored when ``preserve_sft_weight`` is 0 or in one-size mode. Steps count
+    pairs and anchors alike.
     """
     from transformers import PrinterCallback, TrainerCallback
 
@@ -120,8 +137,13 @@ def fit_group_dpo(
         weights: list[float] | None = [index[id(p)] for p in kept]
     else:
         weights = None
-    dataset = preference_dataset(kept, features, products, policy.tokenizer.eos_token, one_size)
-    total_steps = steps or fit_steps(len(kept), settings)
+    if one_size or settings.preserve_sft_weight <= 0:
+        anchors = ()
+    dataset = preference_dataset(kept, features, products, policy.tokenizer.eos_token, one_size, anchors)
+    n_anchors = len(dataset) - len(kept)
+    if weights is not None and n_anchors:
+        weights = weights + [1.0] * n_anchors
+    total_steps = steps or fit_steps(len(dataset), settings)
     history: list[dict[str, float]] = []
 
     class _Collect(TrainerCallback):
@@ -132,7 +154,7 @@ def fit_group_dpo(
                     on_log(state.global_step, history[-1])
 
     with tempfile.TemporaryDirectory(prefix="osmf-dpo-") as scratch:
-        args = dpo_config(settings, scratch, total_steps, one_size)
+        args = dpo_config(settings, scratch, total_steps, one_size, anchored=n_anchors > 0)
         cls = trainer_class or GroupDPOTrainer
         kwargs: dict[str, Any] = dict(
             model=policy.model, ref_model=reference.model, processing_class=policy.processor,
@@ -148,7 +170,9 @@ def fit_group_dpo(
     policy.model.eval()
     groups = [p.group_id for p in kept]
     counts = {g: groups.count(g) for g in sorted(set(groups))}
-    shares = trainer.group_shares() if hasattr(trainer, "group_shares") else {g: c / len(groups) for g, c in counts.items()}
+    all_groups = list(dataset["group_id"]) if n_anchors else groups
+    shares = (trainer.group_shares() if hasattr(trainer, "group_shares")
+              else {g: all_groups.count(g) / len(all_groups) for g in sorted(set(all_groups))})
     return FitResult(
         steps=int(trainer.state.global_step),
         pairs=len(kept),
@@ -158,4 +182,5 @@ def fit_group_dpo(
         losses=[h["loss"] for h in history],
         margins=[h.get("rewards/margins", float("nan")) for h in history],
         pairs_seen=int(trainer.state.global_step) * settings.batch_size,
+        anchors=n_anchors,
     )

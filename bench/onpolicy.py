@@ -1,0 +1,162 @@
+"""On-policy rounds of the alignment benchmark: sample from the live model, simulate, mine, fit, gate.
+
+One :class:`Arm` is one learner under test (Group-DPO, or the one-size
+baseline) with its live model. :func:`onpolicy_round` runs one round for it:
+
+1. the live model samples ``learner.loop.onpolicy_candidates`` creatives per
+   (target, product) (:func:`learner.dpo.onpolicy.sample_slates`); a target
+   is a learned group (Group-DPO) or a whole category (one-size);
+2. each creative is shown ``onpolicy_impressions`` times to the target's
+   members in the world (:func:`sim.judge.simulate_slate_traffic`);
+3. the stream worker's :class:`streams.pairs.PairMiner` mines pairs among
+   each slate, then the margin filter (``pair_min_lift``) and, optionally,
+   only the best winner's pairs;
+4. Group-DPO: groups without pairs are protected (``learner.dpo.preserve``):
+   mirrored pairs (:func:`learner.dpo.onpolicy.mirrored_pairs`) or SFT
+   anchors on their own samples (:func:`learner.dpo.onpolicy.anchor_rows`);
+5. fit from the live model (also the round's frozen reference) on the fresh
+   pairs plus those mined from the same live model in earlier rounds whose
+   candidate the gate refused (all of them are its own samples);
+6. the gate (:func:`learner.gate.decide`) compares candidate and live model
+   by simulated CTR per group on *other* products than the benchmark judges
+   (``gate_judge``), each group within its interval; a refused candidate is
+   dropped and the live model stays.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from features.group import GroupFeatures
+from infra.settings import LearnerSettings
+from learner.data import ProductRecord
+from learner.dpo.onpolicy import (
+    anchor_rows,
+    best_winner_pairs,
+    mine_slate_pairs,
+    mirrored_pairs,
+    sample_slates,
+    with_margin,
+)
+from learner.dpo.train import fit_group_dpo
+from learner.gate import GateConfig, decide
+from learner.model.gmllm import GMLLM
+from learner.round import gate_config, with_ctr
+from sim.judge import WorldCTR, simulate_slate_traffic
+from sim.world import World
+from streams.pairs import PairMinerConfig
+
+
+@dataclass
+class Arm:
+    """One learner under test and its live model.
+
+    ``targets``: what the model reads per training target (group id or
+    ``<category>/all``); ``target_members``: the world segments of each
+    target's users; ``one_size``: uniform pair weights, no anchors.
+    """
+
+    name: str
+    model: GMLLM
+    targets: dict[str, GroupFeatures | str]
+    target_members: dict[str, Counter]
+    one_size: bool
+    gate_ctr: dict[str, float] | None = None
+    gate_se: dict[str, float] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    pending: list[Any] = field(default_factory=list)
+    """Pairs mined from the live model's own samples since it went live (kept while the gate refuses)."""
+
+
+def slate_products(world: World, products: Mapping[str, ProductRecord], targets: Sequence[str],
+                   count: int) -> dict[str, list[ProductRecord]]:
+    """The first ``count`` products of each target's category (those the learner knows)."""
+    out = {}
+    for target in targets:
+        category = target.split("/", 1)[0]
+        out[target] = [products[p.id] for p in world.products.get(category, []) if p.id in products][:count]
+    return out
+
+
+def onpolicy_round(
+    arm: Arm,
+    world: World,
+    products: Mapping[str, ProductRecord],
+    settings: LearnerSettings,
+    *,
+    seed: int,
+    round_number: int,
+    gate_judge: WorldCTR | None,
+    gate: GateConfig | None = None,
+) -> dict[str, Any]:
+    """Run one on-policy round for ``arm`` (see the module docstring); returns its figures."""
+    loop = settings.loop
+    started = time.perf_counter()
+    targets = sorted(arm.targets)
+    shown = slate_products(world, products, targets, loop.onpolicy_products)
+    slates = sample_slates(arm.model, arm.targets, shown, loop.onpolicy_candidates,
+                           temperature=loop.onpolicy_temperature, seed=seed * 1_000 + round_number,
+                           max_new_tokens=settings.generation.max_new_tokens)
+    stats = simulate_slate_traffic(world, arm.target_members, slates, loop.onpolicy_impressions,
+                                   seed=seed * 1_000 + round_number)
+    categories = {pid: record.category for pid, record in products.items()}
+    pairs = mine_slate_pairs(stats, categories, PairMinerConfig(), ts=round_number)
+    mined = len(pairs)
+    pairs = with_margin(pairs, loop.pair_min_lift)
+    if loop.pair_best_winner:
+        pairs = best_winner_pairs(pairs)
+    fresh = len(pairs)
+    fresh_per_group = dict(sorted(Counter(p.group_id for p in pairs).items()))
+    seen = {p.pair_id for p in pairs}
+    pairs = pairs + [p for p in arm.pending if p.pair_id not in seen]  # same live model: still on-policy
+    arm.pending = list(pairs)
+    quiet = sorted(set(targets) - {p.group_id for p in pairs})
+    anchors, mirrored = [], []
+    if not arm.one_size and pairs and settings.dpo.preserve in ("sft", "both"):
+        anchors = anchor_rows(slates, {p.group_id for p in pairs})
+    if not arm.one_size and pairs and settings.dpo.preserve in ("mirror", "both"):
+        mirrored = mirrored_pairs(pairs, quiet)
+    figures: dict[str, Any] = {
+        "round": round_number, "slates": len(slates), "creatives": sum(len(s) for s in slates.values()),
+        "pairs_mined": mined, "pairs_fresh": fresh, "pairs": len(pairs),
+        "pairs_per_group": fresh_per_group,
+        "anchors": len(anchors), "mirrored": len(mirrored), "groups_without_pairs": quiet,
+    }
+    if not pairs:
+        figures.update(promoted=False, reason="no pair mined", seconds=round(time.perf_counter() - started, 1))
+        arm.history.append(figures)
+        return figures | {"candidate": None}
+    dpo = settings.dpo.model_copy(update={"group_weighting": "uniform", "seed": settings.dpo.seed + seed}) \
+        if arm.one_size else settings.dpo.model_copy(update={"seed": settings.dpo.seed + seed})
+    candidate = arm.model.copy()
+    weights = [1.0] * len(pairs) + [max(settings.dpo.preserve_weight, 1e-6)] * len(mirrored)
+    fit = fit_group_dpo(candidate, arm.model, pairs + mirrored, arm.targets, products, dpo, anchors=anchors,
+                        pair_weights=weights)
+    figures.update(steps=fit.steps, fit_seconds=round(fit.seconds, 1), anchors=fit.anchors)
+    if gate_judge is None:
+        figures.update(promoted=True, reason="no gate")
+        arm.model, arm.pending = candidate, []
+    else:
+        if arm.gate_ctr is None:
+            arm.gate_ctr = gate_judge(arm.model)
+            arm.gate_se = dict(gate_judge.last_se)
+        new_ctr = gate_judge(candidate)
+        new_se = dict(gate_judge.last_se)
+        decision = decide(with_ctr({}, new_ctr, new_se), with_ctr({}, arm.gate_ctr, arm.gate_se),
+                          gate or GateConfig())
+        figures.update(promoted=decision.promote, reason=decision.reason,
+                       gate_mean=(round(decision.overall_incumbent, 5), round(decision.overall_candidate, 5)))
+        if decision.promote:
+            arm.model, arm.gate_ctr, arm.gate_se, arm.pending = candidate, new_ctr, new_se, []
+    figures["seconds"] = round(time.perf_counter() - started, 1)
+    arm.history.append(figures)
+    return figures | {"candidate": candidate}
+
+
+def default_gate(settings: LearnerSettings) -> GateConfig:
+    """The loop's gate tolerances (:func:`learner.round.gate_config`)."""
+    return gate_config(settings)

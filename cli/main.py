@@ -14,6 +14,7 @@ import typer
 
 from cli.common import friendly_errors, load_settings, load_world, ready_bootstrap
 from cli.dashboard.command import dashboard_command
+from cli.experiment import experiment_command
 from cli.export import export_app
 from cli.features import features_app
 from cli.learner import learner_app
@@ -36,6 +37,7 @@ app.add_typer(features_app, name="features")
 app.add_typer(serve_app, name="serve")
 app.add_typer(export_app, name="export")
 app.command("dashboard")(dashboard_command)
+app.command("experiment")(experiment_command)
 
 @app.callback()
 def _root(

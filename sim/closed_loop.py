@@ -31,6 +31,7 @@ from typing import Any
 
 from infra import _proc
 from infra.contracts.events import Click, Impression
+from infra.security import http_token
 from infra.settings import LearnerSettings, Settings
 from sim.world import World
 
@@ -150,6 +151,10 @@ class ClosedLoop:
                     {**env, **LOOP_LEARNER_ENV})
         self._wait_for(lambda: latest_version(self.repo, self.model_name) is not None, 600,
                        "the learner to publish version 1", self.logs / "learner.log")
+        port, token = settings.streams.metrics_port, http_token(settings.security)
+        if port:  # traffic waits for the worker (Feast takes a while to import)
+            self._wait_for(lambda: bool(worker_metrics(port, token)), 600, "the stream worker's metrics endpoint",
+                           self.logs / "worker.log")
         self.echo(f"[3/6] stream worker and learner running (logs in {self.logs})")
         pid = server.start_server(settings)
         self._server = True
@@ -230,7 +235,7 @@ class ClosedLoop:
         """Impressions, groups, pairs, rounds, live version and fallbacks now."""
         from serving.live import read_state
 
-        metrics = worker_metrics(self.settings.streams.metrics_port)
+        metrics = worker_metrics(self.settings.streams.metrics_port, http_token(self.settings.security))
         rounds = round_log(self.repo, self.model_name)
         return LoopStatus(
             elapsed_s=time.monotonic() - self.started, impressions=self.book.impressions,
@@ -276,10 +281,12 @@ def _exit_on_sigterm(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def worker_metrics(port: int) -> dict[str, float]:
+def worker_metrics(port: int, token: str | None = None) -> dict[str, float]:
     """Sums of the worker's Prometheus samples by metric name (empty when it does not answer)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read().decode()
+        text = urllib.request.urlopen(request, timeout=1).read().decode()
     except OSError:
         return {}
     sums: dict[str, float] = defaultdict(float)

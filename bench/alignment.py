@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import QUICK_MODEL, BenchOptions, print_table
+from learner.dpo.data import category_features  # noqa: F401 - re-exported for the tests and the bench
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD_B = ROOT / "sim" / "examples" / "world_b.yaml"
@@ -99,17 +100,6 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def category_features(train_log: Any) -> dict[str, Any]:
-    """Features of each whole category (``<category>/all``), computed like a group's: the one-size prefix."""
-    from dataclasses import replace
-
-    from features.group import read_group_features
-    from learner.data import TrafficLog
-
-    records = [replace(r, group_id=f"{r.category}/all") for r in train_log.records]
-    return read_group_features(TrafficLog(train_log.products, train_log.users, records, dict(train_log.meta)))
 
 
 def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:

@@ -12,12 +12,7 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.table import Table
 
-
-QUICK_MODEL: dict[str, Any] = {
-    "vocab_size": 600, "hidden_size": 64, "layers": 2, "heads": 4, "intermediate_size": 128,
-    "vision_hidden_size": 32, "vision_layers": 1, "image_size": 16, "patch_size": 8,
-}
-"""The G-MLLM of every ``--quick`` learner benchmark: ~0.15M parameters, a step in milliseconds."""
+from infra.settings import QUICK_MODEL  # noqa: F401 - the quick benchmarks' model, re-exported
 
 
 @dataclass(frozen=True)

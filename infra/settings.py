@@ -172,6 +172,13 @@ class ModelSettings(BaseModel):
 TaskName = Literal["group", "click", "product", "generate"]
 
 
+QUICK_MODEL: dict[str, int] = {
+    "vocab_size": 600, "hidden_size": 64, "layers": 2, "heads": 4, "intermediate_size": 128,
+    "vision_hidden_size": 32, "vision_layers": 1, "image_size": 16, "patch_size": 8,
+}
+"""The G-MLLM of the quick benchmarks, the experiment's default and tests: ~0.15M parameters, a step in milliseconds."""
+
+
 class PretrainSettings(BaseModel):
     """Pre-training on logged traffic (``osmf learner pretrain``)."""
 

@@ -44,7 +44,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,8 @@ import numpy as np
 
 from infra.contracts.events import Click, Impression
 from infra.contracts.prompt import parse_prompt
-from infra.settings import LearnerSettings
+from infra.settings import QUICK_MODEL, LearnerSettings
+from learner.dpo.data import category_features
 from learner.dpo.onpolicy import mine_slate_pairs, mirrored_pairs, sample_slates
 from learner.dpo.train import fit_group_dpo
 from learner.gate import decide
@@ -67,11 +68,6 @@ from streams.drift import DriftConfig, DriftMonitor
 from streams.pairs import PairMinerConfig
 
 ARMS = ("base", "one-size", "group-dpo")
-QUICK_MODEL: dict[str, Any] = {
-    "vocab_size": 600, "hidden_size": 64, "layers": 2, "heads": 4, "intermediate_size": 128,
-    "vision_hidden_size": 32, "vision_layers": 1, "image_size": 16, "patch_size": 8,
-}
-"""The ~0.15 M-parameter G-MLLM of the ``--quick`` benchmarks (same as ``bench.common.QUICK_MODEL``)."""
 DEFAULT_LEARNER: dict[str, Any] = {
     "model": QUICK_MODEL,
     "pretrain": {"impressions": 60_000, "creatives_per_product": 8, "steps": 80, "batch_size": 8,
@@ -144,16 +140,6 @@ def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in extra.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
-
-
-def category_features(train_log: Any) -> dict[str, Any]:
-    """Features of each whole category (``<category>/all``), computed like a group's: the one-size prefix
-    (the same derivation as ``bench.alignment.category_features``)."""
-    from features.group import read_group_features
-    from learner.data import TrafficLog
-
-    records = [replace(r, group_id=f"{r.category}/all") for r in train_log.records]
-    return read_group_features(TrafficLog(train_log.products, train_log.users, records, dict(train_log.meta)))
 
 
 @dataclass
@@ -269,7 +255,6 @@ def _run(options: ExperimentOptions, settings: LearnerSettings, world: World,
     miner = PairMinerConfig(min_impressions=options.min_impressions)
     rng = random.Random(f"thompson:{seed}")
     index = [0]
-    product_by_id = {p.id: p for p in world.all_products()}
 
     def ts_of(i: int) -> int:
         return DEFAULT_START_TS_MS + math.floor(i * 1000 / rate)

@@ -28,20 +28,26 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from features.group import GroupFeatures, read_group_features
+from infra.contracts.messages import PreferencePair
 from learner.data import ProductRecord, TrafficLog
-from features.group import GroupFeatures
 from learner.model.inputs import generation_input
 from streams.ctr import CreativeStats
-from infra.contracts.messages import PreferencePair
 from streams.pairs import PairMiner, PairMinerConfig
 
 
 def one_size_prefix(category: str) -> str:
     """The group prefix of one-size-fits-all training and serving: the category, no group."""
     return f"group {category}/all | one size for all of {category}"
+
+
+def category_features(traffic: TrafficLog) -> dict[str, GroupFeatures]:
+    """Features of each whole category (``<category>/all``), computed like a group's: the fair one-size prefix."""
+    records = [replace(r, group_id=f"{r.category}/all") for r in traffic.records]
+    return read_group_features(TrafficLog(traffic.products, traffic.users, records, dict(traffic.meta)))
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,9 @@ def run_demo(
             console.print(f"[red]error: {len(produced) - seen} impressions were lost between producer and consumer")
             return 1
         if worker is not None:
-            all_impressions = sum(1 for r in records if r.topic == settings.topics.impressions)
+            all_impressions = sum(  # events, not messages: a message may carry a batch
+                isinstance(event, Impression) for r in records for event in decode_message(r.value)
+            )
             if not _wait_counted(settings, worker, all_impressions, console):
                 return 1
             console.print(_group_table(_settled_ctr_rows(bootstrap, app_id, all_impressions)))
@@ -130,7 +132,7 @@ def _category_table(counts: dict[str, CategoryCounts]) -> Table:
     return table
 
 
-def _settled_ctr_rows(bootstrap: str, app_id: str, impressions: int, timeout_s: float = 30.0) -> dict:
+def _settled_ctr_rows(bootstrap: str, app_id: str, impressions: int, timeout_s: float = 120.0) -> dict:
     """The worker's ``ctr`` table once its changelog holds every counted impression (it is flushed in batches)."""
     from streams.tables import read_table
 

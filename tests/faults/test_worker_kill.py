@@ -38,11 +38,11 @@ def test_worker_killed_mid_run_restarts_with_exact_tables_and_no_double_pairs(br
         # Produce at a steady rate in the background; kill -9 once part of it is counted.
         producer = threading.Thread(
             target=produce_events, args=(run.settings.bootstrap_servers, events, run.settings.topics),
-            kwargs={"rate": 1500.0}, daemon=True,
+            kwargs={"rate": 400.0}, daemon=True,  # 15 s of traffic: the kill lands while it flows
         )
         producer.start()
         wait_until(lambda: metric(scrape(port, AUTH), "osmf_counted_total", kind="impression") >= 1000, 120,
-                   "1,000 impressions counted before the kill")
+                   "1,000 impressions counted before the kill", poll_s=0.1)
         counted_at_kill = metric(scrape(port, AUTH), "osmf_counted_total", kind="impression")
         assert kill_worker(run) == 1
         assert 1000 <= counted_at_kill < n_imps, "the kill came mid-run"

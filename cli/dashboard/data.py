@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.contracts.events import EventError
+from infra.contracts.events import EventError, Impression, decode_message
 from infra.contracts.messages import parse_dead_letter, parse_drift_alert, parse_pair
 from infra.kafka import ConsumedRecord, KafkaIOError, TopicFollower
 from infra.settings import Settings
@@ -334,13 +334,12 @@ class Collector:
     def _fold_impressions(self, records: list[ConsumedRecord]) -> None:
         bin_s = self.settings.dashboard.ctr_bin_s
         for record in records:
-            try:
-                event = json.loads(record.value)
-                ts, version = float(event["ts"]) / 1000, str(event["model_version"])
-            except (ValueError, KeyError, TypeError):
-                continue  # the worker dead-letters it; counted there
-            self.traffic[(ts - ts % bin_s, version)] += 1
-            self.newest["event"] = max(self.newest["event"] or 0.0, ts)
+            for event in decode_message(record.value):  # one event or a batch; bad ones are the worker's to dead-letter
+                if not isinstance(event, Impression):
+                    continue
+                ts = event.ts / 1000
+                self.traffic[(ts - ts % bin_s, event.model_version)] += 1
+                self.newest["event"] = max(self.newest["event"] or 0.0, ts)
 
     def _load_feature_history(self) -> None:
         """CTR samples from before the dashboard started: the feature store's parquet history, when present."""

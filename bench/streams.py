@@ -168,7 +168,7 @@ async def _ceiling_rate(settings: Settings, n_impressions: int, n_clicks: int) -
     from aiokafka import AIOKafkaConsumer
 
     from streams.aggregate import OutcomeBatch
-    from streams.stages import build_stages, collect_outcomes, ingest_partition
+    from streams.stages import build_stages, collect_outcomes, ingest_partition, journal_aggregate
 
     stages = build_stages(settings, lambda name, partitions: {})
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
@@ -194,7 +194,7 @@ async def _ceiling_rate(settings: Settings, n_impressions: int, n_clicks: int) -
                 collect_outcomes(ingest_partition(stages, partition, values), outcomes)
             for category, outcome in outcomes.items():
                 stages.aggregate.apply(category, OutcomeBatch.from_bytes(outcome.to_bytes()))
-                stages.assigned.flush(0, stages.aggregate.watermark(category))
+                journal_aggregate(stages, 0, stages.aggregate.watermark(category))
         seconds = time.perf_counter() - (start or time.perf_counter())
     finally:
         await consumer.stop()

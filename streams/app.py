@@ -40,7 +40,7 @@ from infra.settings import Settings
 from streams import metrics
 from streams.aggregate import FeatureFeed, OutcomeBatch
 from streams.ingest import BatchResult
-from streams.stages import build_stages, collect_outcomes, ingest_partition
+from streams.stages import build_stages, collect_outcomes, detach_aggregate, publish_views, restore_views
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Worker:
         def table(name: str, partitions: int) -> faust.Table:
             return self.app.Table(name, default=None, partitions=partitions, schema=json_schema)
 
-        stages = self._stages = build_stages(settings, table)
+        stages = self._stages = build_stages(settings, table, writer=_changelog_writer)
         self.seen, self.index, self.assigned = stages.seen, stages.index, stages.assigned
         self.stores, self.ingest, self.aggregate = stages.stores, stages.ingest, stages.aggregate
         self.pusher = None
@@ -161,6 +161,7 @@ class Worker:
 
     async def _rebuild_aggregate(self) -> None:
         self.assigned.recover()
+        restore_views(self._stages)
         self.aggregate.rebuild()
         if self.feed is not None:
             self._feed(self.feed.rebuild)
@@ -171,6 +172,12 @@ class Worker:
             await self._ingest_batch(stream, events)
 
     async def _ingest_batch(self, stream: StreamT, events: Sequence[EventT]) -> None:
+        """Stage 1 over one micro-batch.
+
+        Order matters for a kill at any moment: the outcome (and dead-letter) messages are delivered
+        before the journal entries that make a replay of these events skip them, so a replay either
+        re-sends an outcome (stage 2 drops it by impression id) or finds nothing was sent.
+        """
         by_partition: dict[int, list[EventT]] = defaultdict(list)
         for event in events:
             message = event.message
@@ -178,11 +185,13 @@ class Worker:
             self._next_offset[(message.topic, message.partition)] = message.offset + 1
         outcomes: dict[str, OutcomeBatch] = defaultdict(OutcomeBatch)
         before = _snapshot(self.ingest.counters)
+        entries = []
         n_events = 0
         for partition, part_events in by_partition.items():
             for chunk in _chunks(part_events, CHUNK_BYTES):
-                with _table_context(chunk[-1]):
-                    result = ingest_partition(self._stages, partition, [e.value or b"" for e in chunk])
+                result = self.ingest.process(partition, [e.value or b"" for e in chunk])
+                watermark = self.ingest.watermark(partition)
+                entries.append((chunk[-1], partition, watermark, self.seen.detach(), self.index.detach()))
                 n_events += sum(result.events_per_message)
                 _count_in(result, chunk)
                 await self._dead_letter(result, chunk)
@@ -191,6 +200,11 @@ class Worker:
                     self._feed(self.feed.after_ingest, result.impressions)
                 await self._send_outcomes(outcomes, at_least=OUTCOME_ROWS)
         await self._send_outcomes(outcomes, at_least=1)
+        await self.app.producer.flush()
+        for last_event, partition, watermark, seen, index in entries:
+            with _table_context(last_event):
+                self.seen.write(seen, partition, watermark)
+                self.index.write(index, partition, watermark)
         metrics.BATCH_SIZE.observe(n_events)
         _count_ingest(before, self.ingest.counters)
 
@@ -224,11 +238,19 @@ class Worker:
             self._next_offset[(message.topic, message.partition)] = message.offset + 1
             before = _snapshot(self.aggregate.counters)
             result = self.aggregate.apply(category, batch)
-            self.assigned.flush(message.partition, self.aggregate.watermark(category))
+            # Pairs and alerts first (a replay re-sends them with the same ids), then the batch's journal
+            # entry with the view rows it wrote, durable before those rows reach their tables: a kill at
+            # any moment leaves the counts either without the batch (replayed) or recoverable with it.
             for pair in result.pairs:
                 await self.pairs_topic.send(key=pair.group_id.encode(), value=message_bytes(pair))
             for alert in result.alerts:
                 await self.drift_topic.send(key=alert.group_id.encode(), value=message_bytes(alert))
+            if result.pairs or result.alerts:
+                await self.app.producer.flush()
+            changes, rows = detach_aggregate(self._stages)
+            self.assigned.write(changes, message.partition, self.aggregate.watermark(category), rows)
+            await self.app.producer.flush()
+            publish_views(self._stages, message.partition, rows)
             _count_aggregate(before, self.aggregate.counters)
             groups = self.aggregate.grouper(category).groups(category)
             metrics.GROUPS.labels(category).set(len(groups))
@@ -256,6 +278,17 @@ class Worker:
                 continue
             position = self._next_offset.get((tp.topic, tp.partition), 0)
             metrics.LAG.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+
+
+def _changelog_writer(table: faust.Table) -> Any:
+    """Rows into a Faust table and its changelog partition, outside any event's context (also at recovery)."""
+
+    def write(partition: int, rows: dict[str, Any]) -> None:
+        for key, value in rows.items():
+            table.data[key] = value
+            table.send_changelog(partition, key, value)
+
+    return write
 
 
 class PushMetrics:

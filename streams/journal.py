@@ -20,8 +20,17 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
+from dataclasses import dataclass
 from typing import Any
+
+
+@dataclass
+class JournalChanges:
+    """Keys set and deleted since the last entry (see :meth:`JournalStore.detach`)."""
+
+    set: dict[str, Any]
+    deleted: list[str]
 
 
 class JournalStore(MutableMapping[str, Any]):
@@ -45,6 +54,8 @@ class JournalStore(MutableMapping[str, Any]):
         self._deleted: set[str] = set()
         self._entries: dict[int, deque[tuple[int, str]]] = defaultdict(deque)
         self._last_id = 0
+        self.recovered_views: dict[int, dict[str, dict[str, Any]]] = defaultdict(lambda: defaultdict(dict))
+        """After :meth:`recover`: per partition, the newest rows of each view its retained entries hold."""
 
     def __getitem__(self, key: str) -> Any:
         return self._data[key]
@@ -71,28 +82,55 @@ class JournalStore(MutableMapping[str, Any]):
     def get(self, key: str, default: Any = None) -> Any:
         return self._data.get(key, default)
 
-    def flush(self, partition: int, ts: int) -> None:
-        """Write this batch's changes as one entry (call in the context of an event of ``partition``)."""
-        if self._set or self._deleted:
+    def detach(self) -> JournalChanges:
+        """Take the changes made since the last entry; :meth:`write` journals them later.
+
+        Lets the worker first make durable what a replay of the batch would skip (its outcome
+        messages), then journal the state that makes the replay skip it.
+        """
+        changes = JournalChanges(self._set, sorted(self._deleted))
+        self._set, self._deleted = {}, set()
+        return changes
+
+    def write(self, changes: JournalChanges, partition: int, ts: int,
+              views: dict[str, dict[str, Any]] | None = None) -> None:
+        """Write ``changes`` (and the rows of ``views`` they imply) as one entry of ``partition``.
+
+        Call in the context of an event of ``partition``. ``views`` are rows of other tables
+        (``name -> {key: value}``) written by the same batch: journaled here, they are restored
+        by :meth:`recover` even when the kill came before the tables themselves were written.
+        """
+        views = {name: rows for name, rows in (views or {}).items() if rows}
+        if changes.set or changes.deleted or views:
             key = f"{partition}:{self._next_id():020d}"
-            self.table[key] = {"set": self._set, "del": sorted(self._deleted), "ts": ts}
+            entry: dict[str, Any] = {"set": changes.set, "del": changes.deleted, "ts": ts}
+            if views:
+                entry["views"] = views
+            self.table[key] = entry
             self._entries[partition].append((ts, key))
-            self._set, self._deleted = {}, set()
         if self.window_ms is not None:
             entries = self._entries[partition]
             while entries and entries[0][0] < ts - self.window_ms:
                 self.table.pop(entries.popleft()[1], None)
 
+    def flush(self, partition: int, ts: int, views: dict[str, dict[str, Any]] | None = None) -> None:
+        """Write this batch's changes as one entry (call in the context of an event of ``partition``)."""
+        self.write(self.detach(), partition, ts, views)
+
     def recover(self) -> None:
         """Rebuild the mapping by replaying every journal entry in order."""
         self._data.clear()
         self._entries.clear()
+        self.recovered_views.clear()
         for key in sorted(self.table.keys(), key=_entry_order):
             entry = self.table[key]
             for deleted in entry["del"]:
                 self._data.pop(deleted, None)
             self._data.update(entry["set"])
-            self._entries[int(key.split(":", 1)[0])].append((entry["ts"], key))
+            partition = int(key.split(":", 1)[0])
+            self._entries[partition].append((entry["ts"], key))
+            for name, rows in entry.get("views", {}).items():
+                self.recovered_views[partition][name].update(rows)
             self._last_id = max(self._last_id, int(key.split(":", 1)[1]))
 
     def _next_id(self) -> int:
@@ -103,3 +141,68 @@ class JournalStore(MutableMapping[str, Any]):
 def _entry_order(key: str) -> tuple[int, int]:
     partition, entry_id = key.split(":", 1)
     return int(partition), int(entry_id)
+
+
+RowWriter = Callable[[int, dict[str, Any]], None]
+"""``(partition, rows)``: writes rows into a view's table (and its changelog)."""
+
+
+class BufferedView(MutableMapping[str, Any]):
+    """A table whose writes wait for the journal entry that makes them safe to replay.
+
+    Reads see pending writes. :meth:`take` hands them over to be journaled with the batch's
+    entry (:meth:`JournalStore.write`); once that entry is durable, :meth:`publish` writes them
+    into the table. So a kill at any moment leaves the table either without the batch (it is
+    replayed) or with it recoverable from the journal (the replay is skipped) - never half.
+
+    >>> table = {}
+    >>> view = BufferedView(table)
+    >>> view["a"] = 1
+    >>> table, view["a"]
+    ({}, 1)
+    >>> rows = view.take(); view.publish(0, rows); table
+    {'a': 1}
+    """
+
+    def __init__(self, table: MutableMapping[str, Any], writer: RowWriter | None = None) -> None:
+        self.table = table
+        self._writer = writer
+        self._pending: dict[str, Any] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._pending:
+            return self._pending[key]
+        return self.table[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._pending[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        raise TypeError("a buffered view only sets rows; expire them in the journal instead")
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._pending or key in self.table
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._pending
+        yield from (key for key in list(self.table.keys()) if key not in self._pending)
+
+    def __len__(self) -> int:
+        return len(self._pending) + sum(1 for key in list(self.table.keys()) if key not in self._pending)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in self._pending:
+            return self._pending[key]
+        return self.table.get(key, default)
+
+    def take(self) -> dict[str, Any]:
+        """The rows written since the last take (to journal, then :meth:`publish`)."""
+        rows, self._pending = self._pending, {}
+        return rows
+
+    def publish(self, partition: int, rows: dict[str, Any]) -> None:
+        """Write ``rows`` into the table (of changelog partition ``partition``)."""
+        if self._writer is not None:
+            self._writer(partition, rows)
+        else:
+            self.table.update(rows)

@@ -15,11 +15,13 @@ from streams.aggregate import AggregateConfig, AggregateStage, AggregateStores, 
 from streams.drift import DriftMonitor
 from streams.grouping import GroupingConfig, ProductAwareGrouper
 from streams.ingest import BatchResult, IngestConfig, IngestStage
-from streams.journal import JournalStore
+from streams.journal import BufferedView, JournalChanges, JournalStore, RowWriter
 from streams.pairs import PairMiner, PairMinerConfig
 
 TableFactory = Callable[[str, int], MutableMapping[str, Any]]
 """``(name, partitions) -> mapping``: where a stage keeps a durable table."""
+WriterFactory = Callable[[MutableMapping[str, Any]], RowWriter]
+"""``table -> writer``: how a buffered view's rows reach that table (and its changelog)."""
 
 
 @dataclass
@@ -32,10 +34,13 @@ class Stages:
     index: JournalStore
     assigned: JournalStore
     stores: AggregateStores
+    views: dict[str, BufferedView]
+    """Stage 2's counting tables (``ctr``, ``attr_ctr``, ``user_groups``): their rows are journaled in
+    ``assigned``'s entry of the batch before they are written (see :func:`journal_aggregate`)."""
 
 
-def build_stages(settings: Settings, table: TableFactory) -> Stages:
-    """Both stages from ``settings.streams``, their tables made by ``table``."""
+def build_stages(settings: Settings, table: TableFactory, writer: WriterFactory | None = None) -> Stages:
+    """Both stages from ``settings.streams``, their tables made by ``table`` (view rows written by ``writer``)."""
     cfg = settings.streams
     partitions = settings.topics.partitions
     window_ms = int(cfg.attribution_window_s * 1000)
@@ -43,11 +48,17 @@ def build_stages(settings: Settings, table: TableFactory) -> Stages:
     seen = JournalStore(table("seen-journal", partitions), dedupe_ms)
     index = JournalStore(table("impression-index-journal", partitions), window_ms)
     assigned = JournalStore(table("assigned-journal", cfg.outcome_partitions), window_ms)
+
+    def view(name: str) -> BufferedView:
+        target = table(name, cfg.outcome_partitions)
+        return BufferedView(target, writer(target) if writer else None)
+
+    views = {"ctr": view("ctr"), "attr_ctr": view("attr-ctr"), "user_groups": view("user-groups")}
     stores = AggregateStores(
         assigned=assigned,
-        ctr=table("ctr", cfg.outcome_partitions),
-        attr_ctr=table("attr-ctr", cfg.outcome_partitions),
-        user_groups=table("user-groups", cfg.outcome_partitions),
+        ctr=views["ctr"],
+        attr_ctr=views["attr_ctr"],
+        user_groups=views["user_groups"],
         grouping=table("grouping", cfg.outcome_partitions),
         group_profiles=table("group-profiles", cfg.outcome_partitions),
     )
@@ -61,7 +72,7 @@ def build_stages(settings: Settings, table: TableFactory) -> Stages:
         miner=PairMiner(PairMinerConfig(min_impressions=cfg.min_pair_impressions, confidence=cfg.pair_confidence)),
         drift=DriftMonitor(),
     )
-    return Stages(ingest, aggregate, seen, index, assigned, stores)
+    return Stages(ingest, aggregate, seen, index, assigned, stores, views)
 
 
 def ingest_partition(stages: Stages, partition: int, values: list[bytes]) -> BatchResult:
@@ -71,6 +82,36 @@ def ingest_partition(stages: Stages, partition: int, values: list[bytes]) -> Bat
     stages.seen.flush(partition, watermark)
     stages.index.flush(partition, watermark)
     return result
+
+
+def detach_aggregate(stages: Stages) -> tuple[JournalChanges, dict[str, dict[str, Any]]]:
+    """Stage 2's pending changes: ``assigned``'s and the view rows, to journal as one entry."""
+    return stages.assigned.detach(), {name: view.take() for name, view in stages.views.items()}
+
+
+def publish_views(stages: Stages, partition: int, rows: dict[str, dict[str, Any]]) -> None:
+    """Write journaled view rows into their tables."""
+    for name, view_rows in rows.items():
+        if view_rows:
+            stages.views[name].publish(partition, view_rows)
+
+
+def journal_aggregate(stages: Stages, partition: int, ts: int) -> None:
+    """Journal stage 2's batch as one entry, then write its view rows.
+
+    The worker waits for the entry to be durable between the two steps; code without a
+    broker (benchmarks, tests over dicts) calls this.
+    """
+    changes, rows = detach_aggregate(stages)
+    stages.assigned.write(changes, partition, ts, rows)
+    publish_views(stages, partition, rows)
+
+
+def restore_views(stages: Stages) -> None:
+    """After recovery: write the view rows the retained journal entries hold (a kill may have come between
+    an entry and its rows)."""
+    for partition, rows in stages.assigned.recovered_views.items():
+        publish_views(stages, partition, rows)
 
 
 def collect_outcomes(result: BatchResult, outcomes: dict[str, OutcomeBatch]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from faults._support import START_TS_MS, WORLD_A, kill_worker, listening_addresses, metric, proc_of, scrape, wait_until
-from helpers.worker_harness import expected_counts, isolated_run, table_counts
+from helpers.worker_harness import count_difference, expected_counts, isolated_run, table_counts
 from infra.contracts.messages import parse_pair
 from infra.kafka import consume_all, produce_events
 from learner.buffer import PairBuffer
@@ -57,7 +57,11 @@ def test_worker_killed_mid_run_restarts_with_exact_tables_and_no_double_pairs(br
             impressions, clicks = table_counts(run.table("ctr"))
             return impressions == expected.impressions and clicks == expected.clicks
 
-        run.wait_for(exact, timeout_s=180, what="CTR tables to equal the produced log after the restart")
+        try:
+            run.wait_for(exact, timeout_s=180, what="CTR tables to equal the produced log after the restart")
+        except AssertionError as failure:
+            raise AssertionError(f"{count_difference(impressions, expected.impressions, 'impressions')}; "
+                                 f"{count_difference(clicks, expected.clicks, 'clicks')}\n{failure}") from None
         assert impressions == expected.impressions  # per (product, creative): no loss, no double count
         assert clicks == expected.clicks
         assert sum(impressions.values()) == n_imps == 6000

@@ -164,3 +164,10 @@ def table_counts(ctr_rows: dict) -> tuple[dict[tuple[str, str], int], dict[tuple
             if clks:
                 clicks[(product, creative)] += clks
     return dict(impressions), dict(clicks)
+
+
+def count_difference(got: dict[tuple[str, str], int], want: dict[tuple[str, str], int], what: str) -> str:
+    """One line saying how table counts differ from the log: totals, keys over (double counted) and under (lost)."""
+    over = sum(max(got.get(k, 0) - want.get(k, 0), 0) for k in set(got) | set(want))
+    under = sum(max(want.get(k, 0) - got.get(k, 0), 0) for k in set(got) | set(want))
+    return f"{what}: {sum(got.values())} counted vs {sum(want.values())} in the log ({over} over, {under} under)"

@@ -70,13 +70,15 @@ MODELS = ("base", "one-size DPO", "Group-DPO")
 @dataclass(frozen=True)
 class AlignmentOptions(BenchOptions):
     """:class:`BenchOptions` plus ``seeds`` (repeats), ``rounds`` (on-policy rounds), ``gate``, ``rerank``
-    (``live``: each model's own click head picks the served creative; ``base``: the frozen base's) and
-    ``learner`` (overrides of the learner settings, nested dict, for experiments)."""
+    (``live``: each model's own click head picks the served creative; ``base``: the frozen base's), ``serve``
+    (``rerank``: that pick is served; ``slate``: the sampled slate, judged by its mean, see
+    :class:`sim.judge.WorldCTR`) and ``learner`` (overrides of the learner settings, nested dict, for experiments)."""
 
     seeds: int = 1
     rounds: int = 1
     gate: bool = True
     rerank: str = "live"
+    serve: str = "rerank"
     learner: dict[str, Any] = field(default_factory=dict)
 
 
@@ -139,8 +141,9 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     members = group_members(world, grouper)
     loop = settings.loop
     scorer = base if getattr(options, "rerank", "live") == "base" else None
+    serve = getattr(options, "serve", "rerank")
     judge = WorldCTR(world, members, features, products, settings.generation, loop.ctr_products_per_group,
-                     scorer=scorer)
+                     scorer=scorer, serve=serve)
     groups = judge.groups()
     by_category: dict[str, list[str]] = {}
     for group in groups:
@@ -156,11 +159,12 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     judges = {
         "base": judge, "Group-DPO": judge,
         "one-size DPO": WorldCTR(world, members, serve_one_size, products, settings.generation,
-                                 loop.ctr_products_per_group, scorer=scorer),
+                                 loop.ctr_products_per_group, scorer=scorer, serve=serve),
     }
     gate_judges = {
         name: WorldCTR(world, members, j.features, products, settings.generation, loop.ctr_products_per_group,
-                       first_product=loop.ctr_products_per_group, scorer=scorer)
+                       first_product=loop.ctr_products_per_group, scorer=scorer, draws=loop.ctr_draws_per_product,
+                       serve=serve)
         for name, j in judges.items()
     } if gated else {}
     gate = default_gate(settings)
@@ -299,6 +303,7 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
         "rounds": rounds,
         "gate": gated,
         "rerank": getattr(options, "rerank", "live"),
+        "serve": serve,
         "groups": len(groups),
         "pairs_train": total_pairs,
         "pairs_per_group": dict(sorted(pair_counts.items())),

@@ -38,14 +38,14 @@ from learner.dpo.onpolicy import (
     anchor_rows,
     best_winner_pairs,
     mine_slate_pairs,
-    mirrored_pairs,
+    protection_pairs,
     sample_slates,
     with_margin,
 )
 from learner.dpo.train import fit_group_dpo
-from learner.gate import GateConfig, decide
+from learner.gate import GateConfig, GroupFigures, decide
 from learner.model.gmllm import GMLLM
-from learner.round import gate_config, with_ctr
+from learner.round import gate_config, judged
 from sim.judge import WorldCTR, simulate_slate_traffic
 from sim.world import World
 from streams.pairs import PairMinerConfig
@@ -65,8 +65,8 @@ class Arm:
     targets: dict[str, GroupFeatures | str]
     target_members: dict[str, Counter]
     one_size: bool
-    gate_ctr: dict[str, float] | None = None
-    gate_se: dict[str, float] | None = None
+    gate_figures: dict[str, GroupFigures] | None = None
+    """The live model's figures by the gate's judge (computed once per live model)."""
     history: list[dict[str, Any]] = field(default_factory=list)
     pending: list[Any] = field(default_factory=list)
     """Pairs mined from the live model's own samples since it went live (kept while the gate refuses)."""
@@ -115,11 +115,10 @@ def onpolicy_round(
     pairs = pairs + [p for p in arm.pending if p.pair_id not in seen]  # same live model: still on-policy
     arm.pending = list(pairs)
     quiet = sorted(set(targets) - {p.group_id for p in pairs})
-    anchors, mirrored = [], []
+    anchors = []
     if not arm.one_size and pairs and settings.dpo.preserve in ("sft", "both"):
         anchors = anchor_rows(slates, {p.group_id for p in pairs})
-    if not arm.one_size and pairs and settings.dpo.preserve in ("mirror", "both"):
-        mirrored = mirrored_pairs(pairs, quiet)
+    mirrored = protection_pairs(pairs, targets, settings.dpo.preserve, settings.dpo.preserve_scope, arm.one_size)
     figures: dict[str, Any] = {
         "round": round_number, "slates": len(slates), "creatives": sum(len(s) for s in slates.values()),
         "pairs_mined": mined, "pairs_fresh": fresh, "pairs": len(pairs),
@@ -141,17 +140,14 @@ def onpolicy_round(
         figures.update(promoted=True, reason="no gate")
         arm.model, arm.pending = candidate, []
     else:
-        if arm.gate_ctr is None:
-            arm.gate_ctr = gate_judge(arm.model)
-            arm.gate_se = dict(gate_judge.last_se)
-        new_ctr = gate_judge(candidate)
-        new_se = dict(gate_judge.last_se)
-        decision = decide(with_ctr({}, new_ctr, new_se), with_ctr({}, arm.gate_ctr, arm.gate_se),
-                          gate or GateConfig())
+        if arm.gate_figures is None:
+            arm.gate_figures = judged(gate_judge, arm.model)
+        new_figures = judged(gate_judge, candidate)
+        decision = decide(new_figures, arm.gate_figures, gate or GateConfig())
         figures.update(promoted=decision.promote, reason=decision.reason,
                        gate_mean=(round(decision.overall_incumbent, 5), round(decision.overall_candidate, 5)))
         if decision.promote:
-            arm.model, arm.gate_ctr, arm.gate_se, arm.pending = candidate, new_ctr, new_se, []
+            arm.model, arm.gate_figures, arm.pending = candidate, new_figures, []
     figures["seconds"] = round(time.perf_counter() - started, 1)
     arm.history.append(figures)
     return figures | {"candidate": candidate}

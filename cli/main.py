@@ -335,6 +335,11 @@ def bench(
         str | None, typer.Option(help="alignment: whose click head picks the served creative: live (each model's "
                                       "own) or base (the frozen pre-trained base).")
     ] = None,
+    serve: Annotated[
+        str | None, typer.Option(help="alignment: what a group is served and judged by: rerank (the creative the "
+                                      "click answer picks of the samples) or slate (the mean of the sampled slate, "
+                                      "what the creative client's Thompson sampling starts from).")
+    ] = None,
 ) -> None:
     """Run a benchmark; it prints a summary table and ends with one JSON line of figures."""
     import importlib
@@ -360,10 +365,14 @@ def bench(
         if rerank not in (None, "live", "base"):
             typer.echo(f"error: --rerank {rerank}: choose live or base", err=True)
             raise typer.Exit(2)
+        if serve not in (None, "rerank", "slate"):
+            typer.echo(f"error: --serve {serve}: choose rerank or slate", err=True)
+            raise typer.Exit(2)
         options = AlignmentOptions(quick=quick, world=world, output_dir=options.output_dir, seeds=seeds or 1,
-                                   rounds=1 if rounds is None else rounds, gate=gate, rerank=rerank or "live")
-    elif seeds is not None or rounds is not None or not gate or rerank is not None:
-        typer.echo(f"error: --seeds, --rounds, --no-gate and --rerank are options of `osmf bench alignment`, "
+                                   rounds=1 if rounds is None else rounds, gate=gate, rerank=rerank or "live",
+                                   serve=serve or "rerank")
+    elif seeds is not None or rounds is not None or not gate or rerank is not None or serve is not None:
+        typer.echo(f"error: --seeds, --rounds, --no-gate, --rerank and --serve are options of `osmf bench alignment`, "
                    f"not {name!r}", err=True)
         raise typer.Exit(2)
     figures = importlib.import_module(BENCHMARKS[name]).run(options)

@@ -264,6 +264,10 @@ class DPOSettings(BaseModel):
         "category, both ways, under its prefix (holds its preference between the creatives the fit moves where "
         "the incumbent has it); sft: its own sampled creatives as SFT-only rows (chosen == rejected); both; off."
     )
+    preserve_scope: Literal["quiet", "all"] = Field(
+        "quiet", description="preserve=mirror/both: which groups get the mirrored pairs: quiet (those without pairs "
+        "of their own) or all (every group, against the other groups' pairs of its category)."
+    )
     preserve_weight: float = Field(
         5.0, ge=0, le=100.0, description="preserve=mirror/both: the sampling weight of a mirrored pair against a "
         "real one (its restoring force is second order in the drift, so it needs more weight than a real pair)."
@@ -299,6 +303,10 @@ class LoopSettings(BaseModel):
     )
     ctr_products_per_group: int = Field(
         4, ge=1, le=1000, description="Gate with a world: products per group whose served creatives are simulated."
+    )
+    ctr_draws_per_product: int = Field(
+        1, ge=1, le=64, description="Gate with a world: served creatives drawn per judged product (each from its own "
+        "candidates; the same seeds for both versions, compared draw by draw)."
     )
     ctr_interval_z: float = Field(
         2.0, ge=0, le=10.0, description="Gate: a group may not lose more CTR than this many standard errors of the "

@@ -31,6 +31,9 @@ class GroupFigures:
     mean_margin: float
     ctr: float | None = None
     ctr_se: float | None = None
+    ctr_values: tuple[float, ...] | None = None
+    """The CTR figures ``ctr`` averages (e.g. per judged product and draw); two versions judged on the same
+    products and seeds are compared pair by pair (a paired standard error)."""
 
 
 @dataclass(frozen=True)
@@ -120,10 +123,33 @@ def ctr_allowed_drop(new: GroupFigures, old: GroupFigures, config: GateConfig) -
     >>> ctr_allowed_drop(a, a, GateConfig(ctr_tolerance=0.002))
     0.002
     """
-    if config.ctr_interval_z <= 0 or new.ctr_se is None or old.ctr_se is None:
+    if config.ctr_interval_z <= 0:
         return config.ctr_tolerance
-    interval = config.ctr_interval_z * (new.ctr_se**2 + old.ctr_se**2) ** 0.5
-    return max(config.min_ctr_drop, min(config.ctr_tolerance, interval))
+    se = paired_se(new, old)
+    if se is None:
+        if new.ctr_se is None or old.ctr_se is None:
+            return config.ctr_tolerance
+        se = (new.ctr_se**2 + old.ctr_se**2) ** 0.5
+    return max(config.min_ctr_drop, min(config.ctr_tolerance, config.ctr_interval_z * se))
+
+
+def paired_se(new: GroupFigures, old: GroupFigures) -> float | None:
+    """Standard error of the mean difference of two versions' paired CTR figures (None unless both have
+    ``ctr_values`` of one length, at least 2).
+
+    >>> old = GroupFigures("a", 0, 0.5, 0.0, ctr=0.03, ctr_values=(0.02, 0.04, 0.03))
+    >>> new = GroupFigures("a", 0, 0.5, 0.0, ctr=0.032, ctr_values=(0.022, 0.041, 0.033))
+    >>> round(paired_se(new, old), 6)
+    0.000577
+    """
+    if not new.ctr_values or not old.ctr_values or len(new.ctr_values) != len(old.ctr_values):
+        return None
+    n = len(new.ctr_values)
+    if n < 2:
+        return None
+    diffs = [a - b for a, b in zip(new.ctr_values, old.ctr_values)]
+    mean = sum(diffs) / n
+    return (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5
 
 
 def ctr_groups(candidate: Mapping[str, GroupFigures], incumbent: Mapping[str, GroupFigures]) -> set[str]:

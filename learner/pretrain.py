@@ -129,10 +129,7 @@ class Pretrainer:
         """Loss of one batch: soft yes/no cross-entropy for ``click``, completion-token cross-entropy otherwise."""
         gm = self.gmllm
         if task == "click":
-            logits = gm.answer_logits(batch["prompts"], batch["pixels"])
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            target = torch.tensor(batch["targets"], dtype=torch.float32)
-            return -(target * logp[:, gm.yes_id] + (1 - target) * logp[:, gm.no_id]).mean()
+            return gm.click_loss(batch["prompts"], batch["pixels"], batch["targets"])
         sequences = [p + c for p, c in zip(batch["prompts"], batch["completions"])]
         input_ids, attention = gm.pad(sequences)
         labels = torch.full_like(input_ids, -100)

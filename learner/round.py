@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -33,6 +33,7 @@ from infra.settings import LearnerSettings
 from learner.buffer import PairBuffer
 from learner.data import ProductRecord
 from learner.dpo.heldout import heldout_figures
+from learner.dpo.onpolicy import protection_pairs
 from learner.dpo.train import fit_group_dpo
 from learner.gate import GateConfig, GateDecision, GroupFigures, decide
 from features.group import GroupFeatures
@@ -67,21 +68,26 @@ def gate_config(settings: LearnerSettings) -> GateConfig:
 
 
 def with_ctr(figures: dict[str, GroupFigures], ctr: Mapping[str, float],
-             se: Mapping[str, float] | None = None) -> dict[str, GroupFigures]:
-    """``figures`` with each group's simulated CTR (and its standard error, when ``se`` has it) filled in;
-    groups only the judge knows get 0 pairs, 0.5 accuracy."""
+             se: Mapping[str, float] | None = None,
+             values: Mapping[str, Sequence[float]] | None = None) -> dict[str, GroupFigures]:
+    """``figures`` with each group's simulated CTR (its standard error and the figures it averages, when
+    ``se`` and ``values`` have them) filled in; groups only the judge knows get 0 pairs, 0.5 accuracy."""
     out = dict(figures)
     for group, value in ctr.items():
         base = out.get(group, GroupFigures(group, 0, 0.5, 0.0))
         error = (se or {}).get(group)
-        out[group] = dataclasses.replace(base, ctr=float(value), ctr_se=None if error is None else float(error))
+        each = (values or {}).get(group)
+        out[group] = dataclasses.replace(base, ctr=float(value), ctr_se=None if error is None else float(error),
+                                         ctr_values=None if each is None else tuple(float(v) for v in each))
     return out
 
 
-def judged(served_ctr: ServedCTR, gmllm: GMLLM, one_size: bool = False) -> tuple[dict[str, float], dict[str, float]]:
-    """CTR per group of ``gmllm`` by ``served_ctr`` and the standard errors it reports (``last_se``; may be empty)."""
+def judged(served_ctr: ServedCTR, gmllm: GMLLM, one_size: bool = False) -> dict[str, GroupFigures]:
+    """Figures per group of ``gmllm`` by ``served_ctr``: its CTR, with the standard errors (``last_se``) and the
+    figures behind each mean (``last_per_product``) when the judge reports them."""
     ctr = served_ctr(gmllm, one_size)
-    return ctr, dict(getattr(served_ctr, "last_se", None) or {})
+    return with_ctr({}, ctr, dict(getattr(served_ctr, "last_se", None) or {}),
+                    dict(getattr(served_ctr, "last_per_product", None) or {}))
 
 
 def run_round(
@@ -126,19 +132,21 @@ def run_round(
     if not train:
         return RoundOutcome(record("skipped: no training pairs", {}, incumbent_version, [], {}), None, None)
     candidate = incumbent.copy()
+    mirrored = protection_pairs(train, features, settings.dpo.preserve, settings.dpo.preserve_scope, one_size)
+    weights = buffer.recency_weights(train).tolist() + [max(settings.dpo.preserve_weight, 1e-6)] * len(mirrored)
     fit = fit_group_dpo(
-        candidate, incumbent, train, features, products, settings.dpo,
-        one_size=one_size, pair_weights=buffer.recency_weights(train).tolist(), on_log=on_log,
+        candidate, incumbent, list(train) + mirrored, features, products, settings.dpo,
+        one_size=one_size, pair_weights=weights, on_log=on_log,
     )
     training = {
-        "mode": "one-size" if one_size else "group", "steps": fit.steps, "pairs": fit.pairs,
+        "mode": "one-size" if one_size else "group", "steps": fit.steps, "pairs": fit.pairs, "mirrored": len(mirrored),
         "seconds": round(fit.seconds, 2), "samples_per_s": round(fit.samples_per_s, 2),
         "sampled_share": fit.sampled_share, "margins": fit.margins,
     }
     new, old = heldout_figures(candidate, incumbent, heldout, features, products, settings.dpo.beta, one_size)
     if served_ctr is not None:
-        new = with_ctr(new, *judged(served_ctr, candidate, one_size))
-        old = with_ctr(old, *judged(served_ctr, incumbent, one_size))
+        new = _merge_ctr(new, judged(served_ctr, candidate, one_size))
+        old = _merge_ctr(old, judged(served_ctr, incumbent, one_size))
     if not new:
         gate = {"promote": False, "reason": "no held-out pairs and no simulator: nothing to judge the candidate by"}
         return RoundOutcome(record("kept: " + gate["reason"], gate, incumbent_version, fit.losses, training),
@@ -165,3 +173,13 @@ def publish_candidate(gmllm: GMLLM, repository: Path, model_name: str, metadata:
         return publish_version(artifact, repository, model_name, verify=verify_artifact, metadata=metadata).version
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _merge_ctr(figures: dict[str, GroupFigures], ctr: Mapping[str, GroupFigures]) -> dict[str, GroupFigures]:
+    """``figures`` with the CTR fields of ``ctr`` (groups only ``ctr`` has are added)."""
+    out = dict(figures)
+    for group, judged_figures in ctr.items():
+        base = out.get(group)
+        out[group] = judged_figures if base is None else dataclasses.replace(
+            base, ctr=judged_figures.ctr, ctr_se=judged_figures.ctr_se, ctr_values=judged_figures.ctr_values)
+    return out

@@ -54,11 +54,11 @@ from infra.contracts.events import Click, Impression
 from infra.contracts.prompt import parse_prompt
 from infra.settings import QUICK_MODEL, LearnerSettings
 from learner.dpo.data import category_features
-from learner.dpo.onpolicy import mine_slate_pairs, mirrored_pairs, sample_slates
+from learner.dpo.onpolicy import mine_slate_pairs, protection_pairs, sample_slates
 from learner.dpo.train import fit_group_dpo
-from learner.gate import decide
+from learner.gate import GroupFigures, decide
 from learner.model.gmllm import GMLLM
-from learner.round import gate_config, with_ctr
+from learner.round import gate_config, judged
 from sim.judge import WorldCTR, group_members
 from sim.schema import WorldError
 from sim.simulate import DEFAULT_START_TS_MS, Shown, creative_id, generate_events
@@ -155,8 +155,8 @@ class _ArmState:
     counts: dict[tuple[str, str], dict[str, list[int]]] = field(default_factory=dict)
     last_ts: dict[tuple[str, str, str], int] = field(default_factory=dict)
     pending: tuple[GMLLM, int, dict[tuple[str, str], list[str]], dict[str, Any]] | None = None
-    gate_ctr: dict[str, float] | None = None
-    gate_se: dict[str, float] | None = None
+    gate_figures: dict[str, GroupFigures] | None = None
+    """The live model's figures by the gate's judge (computed once per live model)."""
     rounds: list[dict[str, Any]] = field(default_factory=list)
     versions: list[dict[str, Any]] = field(default_factory=list)
     group_counts: dict[str, list[int]] = field(default_factory=dict)
@@ -243,7 +243,8 @@ def _run(options: ExperimentOptions, settings: LearnerSettings, world: World,
                                                                                  cooldown_ms=120_000)))
         serve = {g: one_size_features[f"{g.split('/', 1)[0]}/all"] for g in groups} if one else judge.features
         gate_judges[name] = WorldCTR(world, members, serve, products, settings.generation,
-                                     loop.ctr_products_per_group, first_product=loop.ctr_products_per_group)
+                                     loop.ctr_products_per_group, first_product=loop.ctr_products_per_group,
+                                     draws=loop.ctr_draws_per_product)
         arm.slates = _slates(arm, arm.model, world, products, settings, options.seed, 0)
         arm.versions.append({"version": f"{name}-v0", "live_ts_s": 0.0, "round": 0})
         arms[name] = arm
@@ -376,8 +377,7 @@ def _round(arm: _ArmState, boundary_ts: int, world: World, products: Mapping[str
         return
     evidence = max(arm.last_ts.get((p.group_id, p.product_id, t), 0)
                    for p in pairs for t in (p.winner_prompt, p.loser_prompt))
-    quiet = sorted(set(arm.targets) - {p.group_id for p in pairs})
-    mirrored = [] if arm.one_size or settings.dpo.preserve not in ("mirror", "both") else mirrored_pairs(pairs, quiet)
+    mirrored = protection_pairs(pairs, arm.targets, settings.dpo.preserve, settings.dpo.preserve_scope, arm.one_size)
     update = {"seed": settings.dpo.seed + seed}
     if arm.one_size:
         update["group_weighting"] = "uniform"
@@ -385,15 +385,15 @@ def _round(arm: _ArmState, boundary_ts: int, world: World, products: Mapping[str
     weights = [1.0] * len(pairs) + [max(settings.dpo.preserve_weight, 1e-6)] * len(mirrored)
     fit = fit_group_dpo(candidate, arm.model, pairs + mirrored, arm.targets, products,
                         settings.dpo.model_copy(update=update), pair_weights=weights)
-    if arm.gate_ctr is None:
-        arm.gate_ctr, arm.gate_se = gate_judge(arm.model), dict(gate_judge.last_se)
-    new_ctr, new_se = gate_judge(candidate), dict(gate_judge.last_se)
-    decision = decide(with_ctr({}, new_ctr, new_se), with_ctr({}, arm.gate_ctr, arm.gate_se), gate_config(settings))
+    if arm.gate_figures is None:
+        arm.gate_figures = judged(gate_judge, arm.model)
+    new_figures = judged(gate_judge, candidate)
+    decision = decide(new_figures, arm.gate_figures, gate_config(settings))
     figures.update(mirrored=len(mirrored), steps=fit.steps, promoted=decision.promote, reason=decision.reason,
                    gate_mean=(round(decision.overall_incumbent, 5), round(decision.overall_candidate, 5)),
                    evidence_ts=evidence, evidence_at_s=(evidence - DEFAULT_START_TS_MS) / 1000)
     if decision.promote:
-        arm.gate_ctr, arm.gate_se = new_ctr, new_se
+        arm.gate_figures = new_figures
         slates = _slates(arm, candidate, world, products, settings, seed, arm.version + 1)
         wall_s = time.perf_counter() - wall
         live_ts = boundary_ts + math.ceil(wall_s * 1000)  # the round's wall time counts as simulated time

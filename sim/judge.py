@@ -77,7 +77,8 @@ class WorldCTR:
     """Simulated CTR per group of the creatives a model serves; callable as a ``served_ctr`` judge.
 
     After a call, ``last_se`` holds each group's standard error over its
-    judged products and ``last_per_product`` the served CTR per product.
+    judged products and draws, and ``last_per_product`` the served CTR of
+    each (product, draw), product-major.
 
     Parameters
     ----------
@@ -107,6 +108,13 @@ class WorldCTR:
     last_se: dict[str, float] = field(default_factory=dict)
     last_per_product: dict[str, list[float]] = field(default_factory=dict)
     scorer: GMLLM | None = None
+    draws: int = 1
+    serve: str = "rerank"
+    """What a group is served: ``rerank``, the candidate the click answer scores highest (one creative per
+    product and draw); ``slate``, the whole sampled slate, each candidate alike: the mean CTR of the policy's
+    own samples, what the creative client's Thompson sampling starts from before clicks favour the best."""
+    """Served creatives chosen per product, each from its own sample of candidates (seeds differ): more
+    draws lower the variance of a group's figure; every model is drawn with the same seeds (paired)."""
 
     def groups(self) -> list[str]:
         """Groups that have both features and members."""
@@ -127,11 +135,14 @@ class WorldCTR:
             prefix = one_size_prefix(group.split("/", 1)[0]) if one_size else self.features[group]
             chosen, sampled = [], []
             for index, product in enumerate(self.judged_products(group)):
-                choice = choose_creative(gmllm, prefix, self.products[product.id], self.generation, seed=index,
-                                         scorer=self.scorer)
-                chosen.append(group_ctr(self.world, counts, product, choice.prompt))
-                valid = [c.prompt for c in choice.candidates if c.prompt is not None]
-                sampled.extend(group_ctr(self.world, counts, product, p) for p in valid)
+                for draw in range(max(1, self.draws)):
+                    choice = choose_creative(gmllm, prefix, self.products[product.id], self.generation,
+                                             seed=index + 1_000 * draw, scorer=self.scorer)
+                    valid = [c.prompt for c in choice.candidates if c.prompt is not None]
+                    values = [group_ctr(self.world, counts, product, p) for p in valid]
+                    served_value = group_ctr(self.world, counts, product, choice.prompt)
+                    chosen.append(float(np.mean(values)) if self.serve == "slate" and values else served_value)
+                    sampled.extend(values)
             if chosen:
                 served[group] = float(np.mean(chosen))
                 self.last_per_product[group] = [float(v) for v in chosen]
@@ -202,7 +213,8 @@ def world_judge_factory(world: World, settings: Settings, learner: LearnerSettin
 
         def judge_for(features: Mapping[str, GroupFeatures | str]) -> WorldCTR:
             judged = {**features_for(sorted(members)), **features}
-            return WorldCTR(world, members, judged, products, learner.generation, learner.loop.ctr_products_per_group)
+            return WorldCTR(world, members, judged, products, learner.generation, learner.loop.ctr_products_per_group,
+                            draws=learner.loop.ctr_draws_per_product)
 
         return judge_for
 

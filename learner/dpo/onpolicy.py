@@ -168,6 +168,22 @@ def mirrored_pairs(
     return out
 
 
+def protection_pairs(
+    pairs: Sequence[PreferencePair], targets: Iterable[str], preserve: str, scope: str, one_size: bool = False
+) -> list[PreferencePair]:
+    """The mirrored pairs a fit adds to hold groups where the incumbent has them (``learner.dpo.preserve``).
+
+    ``scope="quiet"``: only groups without a pair of their own; ``"all"``: every group also gets the other
+    groups' pairs of its category mirrored, so through shared weights those pairs can move it no more than
+    its own pairs ask for. None for the one-size baseline or when ``preserve`` has no mirror.
+    """
+    if one_size or preserve not in ("mirror", "both") or not pairs:
+        return []
+    with_pairs = {p.group_id for p in pairs}
+    held = sorted(targets) if scope == "all" else sorted(set(targets) - with_pairs)
+    return mirrored_pairs(pairs, held)
+
+
 def anchor_rows(
     slates: Mapping[SlateKey, Sequence[str]], groups_with_pairs: Iterable[str], per_slate: int | None = None
 ) -> list[Anchor]:

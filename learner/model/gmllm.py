@@ -261,6 +261,13 @@ class GMLLM:
             scores[start : start + len(chunk)] = pair[:, 0].exp().numpy()
         return scores
 
+    def click_loss(self, sequences: list[list[int]], pixels: torch.Tensor | None, targets: Sequence[float]) -> torch.Tensor:
+        """Soft yes/no cross-entropy of the click answer against click shares ``targets`` (with gradients)."""
+        logits = self.answer_logits(sequences, pixels)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        target = torch.tensor(list(targets), dtype=torch.float32)
+        return -(target * logp[:, self.yes_id] + (1 - target) * logp[:, self.no_id]).mean()
+
     @torch.no_grad()
     def completion_logprobs(
         self,

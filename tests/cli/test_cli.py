@@ -112,6 +112,13 @@ def test_unknown_benchmark_lists_choices(isolated: Path) -> None:
     assert "unknown benchmark 'warp-speed'" in result.output
 
 
+def test_alignment_options_are_checked(isolated: Path) -> None:
+    result = runner.invoke(app, ["bench", "alignment", "--serve", "best"])
+    assert result.exit_code == 2 and "--serve best: choose rerank or slate" in result.output
+    result = runner.invoke(app, ["bench", "streams", "--serve", "slate"])
+    assert result.exit_code == 2 and "are options of `osmf bench alignment`" in result.output
+
+
 def test_negative_speedup_is_refused() -> None:
     result = runner.invoke(app, ["replay", "taobao", str(TAOBAO), "--speedup", "-1"])
     assert result.exit_code == 2

@@ -1,6 +1,8 @@
 """The evaluation gate promotes only when no group loses and the whole gains."""
 
-from learner.gate import GateConfig, GroupFigures, decide
+import dataclasses
+
+from learner.gate import GateConfig, GroupFigures, ctr_allowed_drop, decide, paired_se
 
 
 def _figs(**acc: float) -> dict[str, GroupFigures]:
@@ -49,3 +51,30 @@ def test_few_held_out_pairs_cannot_block_on_accuracy_alone() -> None:
     old = {"a": GroupFigures("a", 4, 0.5, 0.0), "b": GroupFigures("b", 40, 0.5, 0.0)}
     assert decide(new, old, GateConfig(min_group_pairs=10)).promote
     assert not decide(new, old, GateConfig(min_group_pairs=4)).promote
+
+
+def _paired(ctr_values: tuple[float, ...]) -> GroupFigures:
+    mean = sum(ctr_values) / len(ctr_values)
+    spread = (sum((v - mean) ** 2 for v in ctr_values) / (len(ctr_values) - 1) / len(ctr_values)) ** 0.5
+    return GroupFigures("a", 0, 0.5, 0.0, ctr=mean, ctr_se=spread, ctr_values=ctr_values)
+
+
+def test_paired_figures_catch_a_small_drop_on_every_draw_that_the_spread_between_products_hides() -> None:
+    gate = GateConfig(ctr_tolerance=0.002, ctr_interval_z=2.0, min_ctr_drop=0.0005)
+    old_values = (0.020, 0.060, 0.030, 0.050, 0.025, 0.055)
+    lower = tuple(v - 0.001 for v in old_values)  # 0.001 below on every product: a real, small loss
+    old, new = _paired(old_values), _paired(lower)
+    unpaired = {"a": dataclasses.replace(new, ctr_values=None)}, {"a": dataclasses.replace(old, ctr_values=None)}
+    assert ctr_allowed_drop(*(f["a"] for f in unpaired), gate) == 0.002  # the spread between products: wide
+    assert ctr_allowed_drop(new, old, gate) == 0.0005  # paired: the differences do not vary
+    other_new, other_old = GroupFigures("b", 0, 0.5, 0.0, ctr=0.05), GroupFigures("b", 0, 0.5, 0.0, ctr=0.04)
+    decision = decide({"a": new, "b": other_new}, {"a": old, "b": other_old}, gate)
+    assert not decision.promote and decision.reason.startswith("group a: simulated CTR")
+
+
+def test_paired_noise_around_no_change_passes() -> None:
+    gate = GateConfig(ctr_tolerance=0.002, ctr_interval_z=2.0, min_ctr_drop=0.0005)
+    old_values = (0.020, 0.060, 0.030, 0.050, 0.025, 0.055)
+    noisy = tuple(v + d for v, d in zip(old_values, (0.003, -0.004, 0.002, -0.002, 0.004, -0.004)))
+    assert paired_se(_paired(noisy), _paired(old_values)) > 0.001
+    assert ctr_allowed_drop(_paired(noisy), _paired(old_values), gate) == 0.002

@@ -142,6 +142,23 @@ def test_slate_pairs_are_mined_with_the_stream_miner_and_a_margin() -> None:
     assert [(a.group_id, a.prompt) for a in anchor_rows(slates, {"mugs/g0"})] == [("mugs/g1", "A"), ("mugs/g1", "B")]
 
 
+def test_protection_mirrors_other_groups_pairs_for_quiet_groups_or_for_all() -> None:
+    from learner.dpo.onpolicy import mine_slate_pairs, protection_pairs
+
+    stats = {("mugs/g0", "p1"): {"A": CreativeStats(3000, 240), "B": CreativeStats(3000, 60)},
+             ("mugs/g1", "p1"): {"C": CreativeStats(3000, 200), "D": CreativeStats(3000, 50)}}
+    pairs = mine_slate_pairs(stats, {"p1": "mugs"}, PairMinerConfig(min_impressions=100))
+    targets = ["mugs/g0", "mugs/g1", "mugs/g2", "pens/g0"]
+    quiet = protection_pairs(pairs, targets, "mirror", "quiet")
+    assert {p.group_id for p in quiet} == {"mugs/g2"}  # pens/g0: no pair of its category to mirror
+    assert len(quiet) == 2 * len(pairs) and {p.prob_winner_better for p in quiet} == {0.5}
+    every = protection_pairs(pairs, targets, "mirror", "all")
+    held_g0 = {(p.winner_prompt, p.loser_prompt) for p in every if p.group_id == "mugs/g0"}
+    assert held_g0 == {("C", "D"), ("D", "C")}, "g0 is held against g1's pair only, never its own"
+    assert protection_pairs(pairs, targets, "mirror", "all", one_size=True) == []
+    assert protection_pairs(pairs, targets, "sft", "all") == []
+
+
 def test_anchor_rows_carry_no_dpo_signal(tiny_setup) -> None:  # noqa: ANN001
     from learner.dpo.data import preference_dataset
     from learner.dpo.onpolicy import Anchor
@@ -173,3 +190,22 @@ def test_simulated_slate_traffic_follows_the_world(tiny_setup) -> None:  # noqa:
         expected = group_ctr(world, members["mugs/pinkish"], product, parse_prompt(text))
         assert abs(counts[text].ctr - expected) < 4 * np.sqrt(expected * (1 - expected) / 20_000) + 1e-4
     assert counts[pink].ctr > counts[navy].ctr
+
+
+def test_world_ctr_draws_are_paired_and_slate_serving_is_the_policy_mean(tiny_setup) -> None:  # noqa: ANN001
+    from learner.round import judged
+    from sim.judge import WorldCTR
+
+    world, settings, base, features, members, products = tiny_setup
+    judge = WorldCTR(world, members, features, products, settings.generation, products_per_group=2, draws=3)
+    figures = judged(judge, base)
+    for group, group_figures in figures.items():
+        assert len(group_figures.ctr_values) == 2 * 3  # per (product, draw)
+        assert group_figures.ctr == pytest.approx(float(np.mean(group_figures.ctr_values)))
+    again = judged(judge, base)
+    assert {g: f.ctr_values for g, f in again.items()} == {g: f.ctr_values for g, f in figures.items()}, \
+        "the same seeds for every call: two versions are compared draw by draw"
+    slate = WorldCTR(world, members, features, products, settings.generation, products_per_group=2, draws=3,
+                     serve="slate")
+    means = slate(base)
+    assert means == pytest.approx(judge.last_sampled), "slate serving judges the mean of the sampled candidates"

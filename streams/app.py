@@ -228,7 +228,7 @@ class Worker:
                 error, rejected.raw, source_topic=message.topic, partition=message.partition, offset=message.offset,
             )
             await self.dead_letter_topic.send(key=message.key, value=letter)
-            metrics.DEAD_LETTERED.labels(rejected.error.field).inc()
+            metrics.DEAD_LETTERED.labels(metrics.field_label(rejected.error.field)).inc()
 
     async def _aggregate_agent(self, stream: StreamT) -> None:
         async for event in stream.events():

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import re
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from infra.contracts.events import Click, EventBatch, Impression
 
 EVENTS_IN = Counter("osmf_events_in_total", "Events read from the input topics (each event of a batch).", ["topic"])
 MESSAGES_IN = Counter("osmf_messages_in_total", "Kafka messages read from the input topics (one event or a batch).",
                       ["topic"])
 EVENTS_ACCEPTED = Counter("osmf_events_accepted_total", "Valid, new events accepted by stage 1.", ["kind"])
 DEAD_LETTERED = Counter("osmf_dead_lettered_total", "Invalid events sent to the dead-letter topic.", ["field"])
+KNOWN_FIELDS = frozenset({*Impression.model_fields, *Click.model_fields, *EventBatch.model_fields,
+                          "<event>", "<message>"})
+"""Values of the dead-letter metric's ``field`` label; any other field an event names counts as ``<other>``."""
+
+
+def field_label(field: str) -> str:
+    """The dead-letter metric's label for an error's field: its top-level event field when the contract knows it,
+    else ``<other>`` (a producer's unknown keys must not create one series each).
+
+    >>> field_label("user.age_band"), field_label("events[3].ts"), field_label("x-evil-key-123")
+    ('user', 'ts', '<other>')
+    """
+    path = re.sub(r"^events\[\d+\]\.?", "", field) or "events"
+    head = re.split(r"[.\[]", path, maxsplit=1)[0]
+    return head if head in KNOWN_FIELDS else "<other>"
 DUPLICATES = Counter("osmf_duplicates_total", "Events dropped as already seen (by event_id).", ["stage"])
 CLICKS = Counter(
     "osmf_clicks_total", "Clicks by attribution outcome.", ["outcome"]

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings as hsettings, strategies as st
 
 from faults._support import START_TS_MS, WORLD_A, metric, scrape, wait_until
+from streams.metrics import KNOWN_FIELDS
 from helpers.worker_harness import expected_counts, isolated_run, table_counts
 from infra.contracts.events import BadEvent, Click, Impression, decode_message, encode_batch, to_bytes
 from infra.contracts.messages import parse_dead_letter
@@ -203,6 +204,9 @@ def test_hypothesis_malformed_events_are_all_dead_lettered_and_good_ones_count_e
         assert impressions == expected.impressions and clicks == expected.clicks
         assert len(letters) == N_BAD
         assert metric(values, "osmf_dead_lettered_total") == N_BAD
+        labels = {key.split('field="', 1)[1].split('"', 1)[0] for key in values
+                  if key.startswith("osmf_dead_lettered_total{")}
+        assert labels <= KNOWN_FIELDS | {"<other>"}, labels  # unknown keys of bad events add no series
         assert metric(values, "osmf_duplicates_total") == N_DUPLICATES
         assert all(letter.reason and letter.field for letter in letters)
         assert all(letter.source_topic == topics.impressions for letter in letters)

@@ -72,13 +72,13 @@ class AlignmentOptions(BenchOptions):
     """:class:`BenchOptions` plus ``seeds`` (repeats), ``rounds`` (on-policy rounds), ``gate``, ``rerank``
     (``live``: each model's own click head picks the served creative; ``base``: the frozen base's), ``serve``
     (``rerank``: that pick is served; ``slate``: the sampled slate, judged by its mean, see
-    :class:`sim.judge.WorldCTR`) and ``learner`` (overrides of the learner settings, nested dict, for experiments)."""
+    :class:`sim.judge.WorldCTR`; default ``learner.loop.ctr_served``) and ``learner`` (overrides of the learner settings, nested dict, for experiments)."""
 
     seeds: int = 1
     rounds: int = 1
     gate: bool = True
     rerank: str = "live"
-    serve: str = "rerank"
+    serve: str | None = None
     learner: dict[str, Any] = field(default_factory=dict)
 
 
@@ -141,7 +141,7 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     members = group_members(world, grouper)
     loop = settings.loop
     scorer = base if getattr(options, "rerank", "live") == "base" else None
-    serve = getattr(options, "serve", "rerank")
+    serve = getattr(options, "serve", None) or loop.ctr_served
     judge = WorldCTR(world, members, features, products, settings.generation, loop.ctr_products_per_group,
                      scorer=scorer, serve=serve)
     groups = judge.groups()

@@ -336,9 +336,10 @@ def bench(
                                       "own) or base (the frozen pre-trained base).")
     ] = None,
     serve: Annotated[
-        str | None, typer.Option(help="alignment: what a group is served and judged by: rerank (the creative the "
-                                      "click answer picks of the samples) or slate (the mean of the sampled slate, "
-                                      "what the creative client's Thompson sampling starts from).")
+        str | None, typer.Option(help="alignment: what a group is served and judged by: slate (the mean of the "
+                                      "sampled slate, what the creative client's Thompson sampling starts from) or "
+                                      "rerank (the creative the click answer picks of the samples); default "
+                                      "learner.loop.ctr_served (slate).")
     ] = None,
 ) -> None:
     """Run a benchmark; it prints a summary table and ends with one JSON line of figures."""
@@ -370,7 +371,7 @@ def bench(
             raise typer.Exit(2)
         options = AlignmentOptions(quick=quick, world=world, output_dir=options.output_dir, seeds=seeds or 1,
                                    rounds=1 if rounds is None else rounds, gate=gate, rerank=rerank or "live",
-                                   serve=serve or "rerank")
+                                   serve=serve)
     elif seeds is not None or rounds is not None or not gate or rerank is not None or serve is not None:
         typer.echo(f"error: --seeds, --rounds, --no-gate, --rerank and --serve are options of `osmf bench alignment`, "
                    f"not {name!r}", err=True)

@@ -304,8 +304,13 @@ class LoopSettings(BaseModel):
     ctr_products_per_group: int = Field(
         4, ge=1, le=1000, description="Gate with a world: products per group whose served creatives are simulated."
     )
+    ctr_served: Literal["slate", "rerank"] = Field(
+        "slate", description="Gate with a world: what a group's CTR is of: slate (the mean of the creatives the "
+        "version samples, what the creative client's Thompson sampling serves from) or rerank (the one creative "
+        "its click answer picks of them)."
+    )
     ctr_draws_per_product: int = Field(
-        1, ge=1, le=64, description="Gate with a world: served creatives drawn per judged product (each from its own "
+        2, ge=1, le=64, description="Gate with a world: served creatives drawn per judged product (each from its own "
         "candidates; the same seeds for both versions, compared draw by draw)."
     )
     ctr_interval_z: float = Field(

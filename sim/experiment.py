@@ -244,7 +244,7 @@ def _run(options: ExperimentOptions, settings: LearnerSettings, world: World,
         serve = {g: one_size_features[f"{g.split('/', 1)[0]}/all"] for g in groups} if one else judge.features
         gate_judges[name] = WorldCTR(world, members, serve, products, settings.generation,
                                      loop.ctr_products_per_group, first_product=loop.ctr_products_per_group,
-                                     draws=loop.ctr_draws_per_product)
+                                     draws=loop.ctr_draws_per_product, serve=loop.ctr_served)
         arm.slates = _slates(arm, arm.model, world, products, settings, options.seed, 0)
         arm.versions.append({"version": f"{name}-v0", "live_ts_s": 0.0, "round": 0})
         arms[name] = arm

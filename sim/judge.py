@@ -214,7 +214,7 @@ def world_judge_factory(world: World, settings: Settings, learner: LearnerSettin
         def judge_for(features: Mapping[str, GroupFeatures | str]) -> WorldCTR:
             judged = {**features_for(sorted(members)), **features}
             return WorldCTR(world, members, judged, products, learner.generation, learner.loop.ctr_products_per_group,
-                            draws=learner.loop.ctr_draws_per_product)
+                            draws=learner.loop.ctr_draws_per_product, serve=learner.loop.ctr_served)
 
         return judge_for
 

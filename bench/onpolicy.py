@@ -45,7 +45,7 @@ from learner.dpo.onpolicy import (
 from learner.dpo.train import fit_group_dpo
 from learner.gate import GateConfig, GroupFigures, decide
 from learner.model.gmllm import GMLLM
-from learner.round import gate_config, judged
+from learner.round import gate_config, judged, judged_pair
 from sim.judge import WorldCTR, simulate_slate_traffic
 from sim.world import World
 from streams.pairs import PairMinerConfig
@@ -140,9 +140,12 @@ def onpolicy_round(
         figures.update(promoted=True, reason="no gate")
         arm.model, arm.pending = candidate, []
     else:
-        if arm.gate_figures is None:
-            arm.gate_figures = judged(gate_judge, arm.model)
-        new_figures = judged(gate_judge, candidate)
+        if settings.loop.ctr_estimate == "reweight":
+            new_figures, arm.gate_figures = judged_pair(gate_judge, candidate, arm.model, estimate="reweight")
+        else:
+            if arm.gate_figures is None:
+                arm.gate_figures = judged(gate_judge, arm.model)
+            new_figures = judged(gate_judge, candidate)
         decision = decide(new_figures, arm.gate_figures, gate or GateConfig())
         figures.update(promoted=decision.promote, reason=decision.reason,
                        gate_mean=(round(decision.overall_incumbent, 5), round(decision.overall_candidate, 5)))

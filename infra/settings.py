@@ -309,6 +309,11 @@ class LoopSettings(BaseModel):
         "version samples, what the creative client's Thompson sampling serves from) or rerank (the one creative "
         "its click answer picks of them)."
     )
+    ctr_estimate: Literal["resample", "reweight"] = Field(
+        "resample", description="Gate with a world, ctr_served=slate: resample (each version's own samples, the "
+        "same seeds) or reweight (the candidate judged on the incumbent's samples by importance weights "
+        "p_candidate/p_incumbent: off-policy evaluation, paired sample by sample)."
+    )
     ctr_draws_per_product: int = Field(
         2, ge=1, le=64, description="Gate with a world: served creatives drawn per judged product (each from its own "
         "candidates; the same seeds for both versions, compared draw by draw)."

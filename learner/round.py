@@ -90,6 +90,29 @@ def judged(served_ctr: ServedCTR, gmllm: GMLLM, one_size: bool = False) -> dict[
                     dict(getattr(served_ctr, "last_per_product", None) or {}))
 
 
+def judged_pair(served_ctr: ServedCTR, candidate: GMLLM, incumbent: GMLLM, one_size: bool = False,
+                estimate: str = "resample") -> tuple[dict[str, GroupFigures], dict[str, GroupFigures]]:
+    """Figures of ``candidate`` and ``incumbent`` per group, for the gate.
+
+    ``estimate="resample"``: each version's own samples (:func:`judged`, same seeds); ``"reweight"``: the
+    candidate estimated on the incumbent's samples by importance weights, when the judge can
+    (``served_ctr.reweighted``, e.g. :meth:`sim.judge.WorldCTR.reweighted`), paired sample by sample.
+    """
+    reweighted = getattr(served_ctr, "reweighted", None)
+    if estimate == "reweight" and reweighted is not None:
+        new, old = reweighted(candidate, incumbent, one_size)
+        return _figures_of(new), _figures_of(old)
+    return judged(served_ctr, candidate, one_size), judged(served_ctr, incumbent, one_size)
+
+
+def _figures_of(values: Mapping[str, Sequence[float]]) -> dict[str, GroupFigures]:
+    """Figures from each group's per-(product, draw) CTR values: their mean, standard error and the values."""
+    ctr = {g: sum(v) / len(v) for g, v in values.items() if v}
+    se = {g: (sum((x - ctr[g]) ** 2 for x in v) / (len(v) - 1) / len(v)) ** 0.5 if len(v) > 1 else 0.0
+          for g, v in values.items() if v}
+    return with_ctr({}, ctr, se, {g: list(v) for g, v in values.items() if v})
+
+
 def run_round(
     number: int,
     buffer: PairBuffer,
@@ -145,8 +168,8 @@ def run_round(
     }
     new, old = heldout_figures(candidate, incumbent, heldout, features, products, settings.dpo.beta, one_size)
     if served_ctr is not None:
-        new = _merge_ctr(new, judged(served_ctr, candidate, one_size))
-        old = _merge_ctr(old, judged(served_ctr, incumbent, one_size))
+        new_ctr, old_ctr = judged_pair(served_ctr, candidate, incumbent, one_size, loop.ctr_estimate)
+        new, old = _merge_ctr(new, new_ctr), _merge_ctr(old, old_ctr)
     if not new:
         gate = {"promote": False, "reason": "no held-out pairs and no simulator: nothing to judge the candidate by"}
         return RoundOutcome(record("kept: " + gate["reason"], gate, incumbent_version, fit.losses, training),

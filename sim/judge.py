@@ -150,6 +150,38 @@ class WorldCTR:
                 self.last_sampled[group] = float(np.mean(sampled)) if sampled else served[group]
         return served
 
+    def reweighted(self, candidate: GMLLM, incumbent: GMLLM,
+                   one_size: bool = False) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+        """Per group, per (product, draw): the candidate's slate CTR estimated on the *incumbent's* samples, and the
+        incumbent's own slate CTR on them (off-policy evaluation, paired exactly).
+
+        Each sample's CTR is weighted by ``p_candidate / p_incumbent`` of its text (self-normalised within the
+        slate; :meth:`learner.model.gmllm.GMLLM.completion_logprobs`), so a candidate close to the incumbent is
+        judged on the same creatives instead of on a fresh sample that differs by chance. In production the
+        samples are the incumbent's logged slates and the CTR their observed clicks. Needs ``serve="slate"``.
+        """
+        new: dict[str, list[float]] = {}
+        old: dict[str, list[float]] = {}
+        for group in self.groups():
+            counts = self.members[group]
+            prefix = one_size_prefix(group.split("/", 1)[0]) if one_size else self.features[group]
+            for index, product in enumerate(self.judged_products(group)):
+                record = self.products[product.id]
+                for draw in range(max(1, self.draws)):
+                    samples = [g for g in incumbent.generate(
+                        prefix, record, n=self.generation.candidates, seed=index + 1_000 * draw,
+                        temperature=self.generation.temperature, constrained=self.generation.constrained,
+                        max_new_tokens=self.generation.max_new_tokens) if g.prompt is not None]
+                    if not samples:
+                        continue
+                    values = np.array([group_ctr(self.world, counts, product, g.prompt) for g in samples])
+                    items = [(prefix, record, g.text) for g in samples]
+                    log_ratio = candidate.completion_logprobs(items) - incumbent.completion_logprobs(items)
+                    weights = np.exp(log_ratio - log_ratio.max())
+                    new.setdefault(group, []).append(float(np.sum(weights * values) / np.sum(weights)))
+                    old.setdefault(group, []).append(float(values.mean()))
+        return new, old
+
     def random_ctr(self, prompts_per_product: int = 8, seed: int = 0) -> dict[str, float]:
         """Mean CTR per group of random prompts (the floor)."""
         out = {}

@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import replace
 
 import numpy as np
+import torch
 import pytest
 import yaml
 
@@ -209,3 +210,23 @@ def test_world_ctr_draws_are_paired_and_slate_serving_is_the_policy_mean(tiny_se
                      serve="slate")
     means = slate(base)
     assert means == pytest.approx(judge.last_sampled), "slate serving judges the mean of the sampled candidates"
+
+
+def test_reweighted_judge_pairs_the_candidate_with_the_incumbents_own_samples(tiny_setup) -> None:  # noqa: ANN001
+    from learner.round import judged_pair
+    from sim.judge import WorldCTR
+
+    world, settings, base, features, members, products = tiny_setup
+    judge = WorldCTR(world, members, features, products, settings.generation, products_per_group=2, draws=2,
+                     serve="slate")
+    same_new, same_old = judged_pair(judge, base, base, estimate="reweight")
+    for group in same_old:
+        assert same_new[group].ctr_values == pytest.approx(same_old[group].ctr_values), "p/p = 1: no change"
+        assert len(same_old[group].ctr_values) == 2 * 2
+    tilted = base.copy()
+    with torch.no_grad():  # a different model: the estimate moves, on the very same samples
+        for parameter in tilted.model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    new, old = judged_pair(judge, tilted, base, estimate="reweight")
+    assert {g: f.ctr_values for g, f in old.items()} == {g: f.ctr_values for g, f in same_old.items()}
+    assert any(new[g].ctr_values != pytest.approx(old[g].ctr_values) for g in old)

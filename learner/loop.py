@@ -123,6 +123,9 @@ class LearnerLoop:
         The one-size-fits-all baseline (pairs pooled under a neutral prefix).
     started_at
         Clock reading (seconds, any monotonic clock) the wait for the first round counts from.
+    known_groups
+        Groups the learner knows besides those with pairs in a round (e.g. the base run's): their features
+        are read too, so a round can protect the ones without pairs (``learner.dpo.preserve``).
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class LearnerLoop:
         judge: JudgeFor | None = None,
         one_size: bool = False,
         started_at: float | None = None,
+        known_groups: Sequence[str] = (),
     ) -> None:
         loop = settings.loop
         self.incumbent = incumbent
@@ -149,6 +153,7 @@ class LearnerLoop:
         self.history = history
         self.judge = judge
         self.one_size = one_size
+        self.known_groups = set(known_groups)
         self.buffer = PairBuffer(loop.buffer_capacity, loop.half_life_s)
         self.trigger = TrainingTrigger(loop.min_new_pairs, loop.max_wait_s)
         self.counts = LoopCounts()
@@ -196,7 +201,9 @@ class LearnerLoop:
         if self.incumbent is None:
             raise RuntimeError("no incumbent model: publish a base version first")
         held = self.buffer.pairs()
-        features = dict(self.features_for(sorted({p.group_id for p in held}))) if held else {}
+        with_pairs = {p.group_id for p in held}
+        self.known_groups |= with_pairs
+        features = dict(self.features_for(sorted(self.known_groups))) if held else {}
         usable = PairBuffer(self.buffer.capacity, self.buffer.half_life_s)
         left_out: Counter = Counter()
         for pair in held:

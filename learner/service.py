@@ -213,7 +213,7 @@ class LearnerService:
                   + ("; one-size baseline" if self.options.one_size else ""))
         judge = judge_factory(traffic_log, features_for, self.echo) if judge_factory else None
         loop = LearnerLoop(incumbent, version, traffic_log.products, features_for, self.learner, repo, history,
-                           judge=judge, one_size=self.options.one_size)
+                           judge=judge, one_size=self.options.one_size, known_groups=sorted(fallback))
         if loop.next_round > 1:
             self.echo(f"history: {loop.next_round - 1} rounds logged in {history}; this run starts at round "
                       f"{loop.next_round}")

@@ -120,6 +120,22 @@ def test_a_better_candidate_is_published_as_the_next_version_and_logged(tmp_path
     assert loop.next_round == 2
 
 
+def test_known_groups_without_pairs_are_protected_in_a_round(tmp_path, base_artifact, tiny_log, features,  # noqa: ANN001
+                                                               pairs, one_thread) -> None:  # noqa: ANN001
+    only_g0 = [p for p in pairs if p.group_id == "mugs/g0"]
+    quiet = _loop(tmp_path / "a", base_artifact, tiny_log, features, known_groups=["mugs/g1"])
+    alone = _loop(tmp_path / "b", base_artifact, tiny_log, features)
+    for loop in (quiet, alone):
+        for pair in only_g0:
+            loop.offer(pair)
+    protected = quiet.train_round(now=10.0).outcome.record
+    unprotected = alone.train_round(now=10.0).outcome.record
+    assert set(protected.pairs_per_group) == {"mugs/g0"}
+    trained = sum(protected.pairs_per_group.values())
+    assert protected.training["mirrored"] == 2 * trained, "g0's pairs, both ways, under mugs/g1's prefix"
+    assert unprotected.training["mirrored"] == 0, "without known groups only groups with pairs are read"
+
+
 def test_a_candidate_the_gate_refuses_publishes_nothing_and_the_reason_is_logged(tmp_path, base_artifact, tiny_log,  # noqa: ANN001
                                                                                   features, pairs, one_thread) -> None:  # noqa: ANN001
     settings = SETTINGS.model_copy(update={  # only the simulated CTR can refuse it here

@@ -130,13 +130,15 @@ class WorldCTR:
         """Mean CTR per group of the served creative; ``last_sampled`` gets the mean over all candidates."""
         served: dict[str, float] = {}
         self.last_sampled, self.last_se, self.last_per_product = {}, {}, {}
+        # A served slate is judged by all its candidates: scoring them with the click answer would be wasted.
+        generation = self.generation.model_copy(update={"rerank": False}) if self.serve == "slate" else self.generation
         for group in self.groups():
             counts = self.members[group]
             prefix = one_size_prefix(group.split("/", 1)[0]) if one_size else self.features[group]
             chosen, sampled = [], []
             for index, product in enumerate(self.judged_products(group)):
                 for draw in range(max(1, self.draws)):
-                    choice = choose_creative(gmllm, prefix, self.products[product.id], self.generation,
+                    choice = choose_creative(gmllm, prefix, self.products[product.id], generation,
                                              seed=index + 1_000 * draw, scorer=self.scorer)
                     valid = [c.prompt for c in choice.candidates if c.prompt is not None]
                     values = [group_ctr(self.world, counts, product, p) for p in valid]

@@ -11,6 +11,7 @@ import copy
 from collections import defaultdict
 from pathlib import Path
 
+from infra.contracts.events import to_bytes
 from infra.settings import Settings
 from sim.simulate import generate_events
 from sim.world import World
@@ -27,8 +28,6 @@ def _outcome_batches(n_impressions: int) -> list[tuple[str, OutcomeBatch]]:
     """Stage 1's outcome batches for a simulated log, in order, 500 events per micro-batch."""
     events = list(generate_events(World.load(WORLD_A), seed=3, n_impressions=n_impressions))
     stages = build_stages(Settings(), lambda name, partitions: {})
-    from infra.contracts.events import to_bytes
-
     batches = []
     for start in range(0, len(events), 500):
         outcomes: dict[str, OutcomeBatch] = defaultdict(OutcomeBatch)
@@ -62,18 +61,23 @@ def _run_all(stages, batches) -> None:
         journal_aggregate(stages, 0, stages.aggregate.watermark(category))
 
 
-def test_kill_after_the_journal_entry_before_the_table_writes_loses_and_doubles_nothing() -> None:
-    batches = _outcome_batches(3000)
+def _killed_mid_run(batches: list[tuple[str, OutcomeBatch]]):  # noqa: ANN202
+    """The totals of an uninterrupted run, and a run over durable tables whose middle batch was just counted in
+    memory: ``(want, tables, stages, kill_at, category, batch)``."""
     expected = _durable_stages({})
     _run_all(expected, batches)
-    want = _totals(expected.views["ctr"].table)
-
     tables: dict[str, dict] = {}
     stages = _durable_stages(tables)
     kill_at = len(batches) // 2
     _run_all(stages, batches[:kill_at])
     category, batch = batches[kill_at]
     stages.aggregate.apply(category, copy.deepcopy(batch))
+    return _totals(expected.views["ctr"].table), tables, stages, kill_at, category, batch
+
+
+def test_kill_after_the_journal_entry_before_the_table_writes_loses_and_doubles_nothing() -> None:
+    batches = _outcome_batches(3000)
+    want, tables, stages, kill_at, category, batch = _killed_mid_run(batches)
     changes, rows = detach_aggregate(stages)
     stages.assigned.write(changes, 0, stages.aggregate.watermark(category), rows)
     assert _totals(tables["ctr"]) != _totals(tables["ctr"] | rows["ctr"]), "the kill leaves the table behind"
@@ -86,16 +90,7 @@ def test_kill_after_the_journal_entry_before_the_table_writes_loses_and_doubles_
 
 def test_kill_before_the_journal_entry_replays_the_batch_once() -> None:
     batches = _outcome_batches(3000)
-    expected = _durable_stages({})
-    _run_all(expected, batches)
-    want = _totals(expected.views["ctr"].table)
-
-    tables: dict[str, dict] = {}
-    stages = _durable_stages(tables)
-    kill_at = len(batches) // 2
-    _run_all(stages, batches[:kill_at])
-    category, batch = batches[kill_at]
-    stages.aggregate.apply(category, copy.deepcopy(batch))  # counted in memory only, then killed
+    want, tables, stages, kill_at, _, _ = _killed_mid_run(batches)  # counted in memory only, then killed
     assert _totals(stages.views["ctr"]) != _totals(tables["ctr"])
 
     restarted = _recover(tables)

@@ -13,7 +13,7 @@ baseline) with its live model. :func:`onpolicy_round` runs one round for it:
    only the best winner's pairs;
 4. Group-DPO: groups without pairs are protected (``learner.dpo.preserve``):
    mirrored pairs (:func:`learner.dpo.onpolicy.mirrored_pairs`) or SFT
-   anchors on their own samples (:func:`learner.dpo.onpolicy.anchor_rows`);
+   anchors on the live model's own samples (:func:`learner.dpo.onpolicy.quiet_group_anchors`);
 5. fit from the live model (also the round's frozen reference) on the fresh
    pairs plus those mined from the same live model in earlier rounds whose
    candidate the gate refused (all of them are its own samples);
@@ -35,10 +35,11 @@ from features.group import GroupFeatures
 from infra.settings import LearnerSettings
 from learner.data import ProductRecord
 from learner.dpo.onpolicy import (
-    anchor_rows,
+    ANCHOR_MODES,
     best_winner_pairs,
     mine_slate_pairs,
     protection_pairs,
+    quiet_group_anchors,
     sample_slates,
     with_margin,
 )
@@ -116,8 +117,11 @@ def onpolicy_round(
     arm.pending = list(pairs)
     quiet = sorted(set(targets) - {p.group_id for p in pairs})
     anchors = []
-    if not arm.one_size and pairs and settings.dpo.preserve in ("sft", "both"):
-        anchors = anchor_rows(slates, {p.group_id for p in pairs})
+    if not arm.one_size and pairs and settings.dpo.preserve in ANCHOR_MODES:
+        anchors = quiet_group_anchors(arm.model, arm.targets, products, {p.group_id for p in pairs},
+                                      settings.dpo.anchor_products, loop.onpolicy_candidates,
+                                      seed=seed * 1_000 + round_number, temperature=loop.onpolicy_temperature,
+                                      max_new_tokens=settings.generation.max_new_tokens)
     mirrored = protection_pairs(pairs, targets, settings.dpo.preserve, settings.dpo.preserve_scope, arm.one_size)
     figures: dict[str, Any] = {
         "round": round_number, "slates": len(slates), "creatives": sum(len(s) for s in slates.values()),

@@ -259,10 +259,12 @@ class DPOSettings(BaseModel):
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "bco_pair", "nca_pair"] = Field(
         "sigmoid", description="TRL's DPO loss type (the SFT term is added beside it when its weight is above 0)."
     )
-    preserve: Literal["mirror", "sft", "both", "off"] = Field(
+    preserve: Literal["mirror", "sft", "both", "kl", "mirror_kl", "off"] = Field(
         "mirror", description="How a fit protects groups without pairs: mirror: other groups' pairs of its "
         "category, both ways, under its prefix (holds its preference between the creatives the fit moves where "
-        "the incumbent has it); sft: its own sampled creatives as SFT-only rows (chosen == rejected); both; off."
+        "the incumbent has it); sft: the incumbent's own creatives for it as SFT-only rows (chosen == rejected); "
+        "both: mirror and sft; kl: a token-level KL to the incumbent on those creatives, every step "
+        "(preserve_kl_weight); mirror_kl: mirror and kl; off."
     )
     preserve_scope: Literal["quiet", "all"] = Field(
         "quiet", description="preserve=mirror/both: which groups get the mirrored pairs: quiet (those without pairs "
@@ -275,6 +277,14 @@ class DPOSettings(BaseModel):
     preserve_sft_weight: float = Field(
         1.0, ge=0, le=10.0, description="preserve=sft/both: the SFT weight when anchor rows train (at least; TRL has "
         "one SFT weight for all rows, so winners get it too); 0 turns anchors off."
+    )
+    preserve_kl_weight: float = Field(
+        1.0, ge=0, le=1000.0, description="preserve=kl/mirror_kl: the weight of the anchors' KL term beside the "
+        "DPO loss."
+    )
+    anchor_products: int = Field(
+        3, ge=1, le=1000, description="preserve=sft/both/kl/mirror_kl, a learner round: products of its category per group "
+        "without pairs (any category) on which the incumbent's own samples (loop.onpolicy_candidates) are anchored."
     )
     seed: int = Field(0, description="Seeds pair order and dropout.")
 

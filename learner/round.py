@@ -33,13 +33,14 @@ from infra.settings import LearnerSettings
 from learner.buffer import PairBuffer
 from learner.data import ProductRecord
 from learner.dpo.heldout import heldout_figures
-from learner.dpo.onpolicy import protection_pairs
+from learner.dpo.onpolicy import ANCHOR_MODES, Anchor, protection_pairs, quiet_group_anchors
 from learner.dpo.train import fit_group_dpo
 from learner.gate import GateConfig, GateDecision, GroupFigures, decide
 from features.group import GroupFeatures
 from learner.history import RoundRecord, append_round
 from learner.model.artifact import verify_artifact
 from learner.model.gmllm import GMLLM
+from infra.contracts.messages import PreferencePair
 from learner.publish import publish_version
 
 
@@ -160,9 +161,11 @@ def run_round(
     fit = fit_group_dpo(
         candidate, incumbent, list(train) + mirrored, features, products, settings.dpo,
         one_size=one_size, pair_weights=weights, on_log=on_log,
+        anchors=round_anchors(incumbent, train, features, products, settings, number, one_size),
     )
     training = {
         "mode": "one-size" if one_size else "group", "steps": fit.steps, "pairs": fit.pairs, "mirrored": len(mirrored),
+        "anchors": fit.anchors,
         "seconds": round(fit.seconds, 2), "samples_per_s": round(fit.samples_per_s, 2),
         "sampled_share": fit.sampled_share, "margins": fit.margins,
     }
@@ -184,6 +187,19 @@ def run_round(
         "overall": decision.overall_candidate,
     })
     return RoundOutcome(record("promoted", gate, version, fit.losses, training), decision, candidate)
+
+
+def round_anchors(incumbent: GMLLM, train: Sequence[PreferencePair], features: Mapping[str, GroupFeatures | str],
+                  products: Mapping[str, ProductRecord], settings: LearnerSettings, number: int,
+                  one_size: bool = False) -> list[Anchor]:
+    """The incumbent's own creatives for every group without a training pair, when ``dpo.preserve`` anchors
+    (:func:`learner.dpo.onpolicy.quiet_group_anchors`); none for the one-size baseline."""
+    dpo, loop = settings.dpo, settings.loop
+    if one_size or dpo.preserve not in ANCHOR_MODES:
+        return []
+    return quiet_group_anchors(incumbent, features, products, {p.group_id for p in train}, dpo.anchor_products,
+                               loop.onpolicy_candidates, seed=number, temperature=loop.onpolicy_temperature,
+                               max_new_tokens=settings.generation.max_new_tokens)
 
 
 def publish_candidate(gmllm: GMLLM, repository: Path, model_name: str, metadata: dict) -> int:

@@ -12,10 +12,11 @@ One round (iterative / online DPO, as CAIG ran several rounds):
    :class:`streams.pairs.PairMiner` calls winners among each slate, and
    :func:`with_margin` keeps the pairs whose winner's observed CTR beats the
    loser's by a relative margin (evidence *and* size);
-4. :func:`anchor_rows` — every group that got no pair contributes its own
-   samples as *anchors* (``chosen == rejected``: no DPO gradient, only the SFT
-   term on them), so the fit keeps that group's generations where the
-   incumbent had them instead of letting other groups' pairs move them;
+4. :func:`quiet_group_anchors` — every group that got no pair, in any category,
+   contributes the live model's own samples as *anchors* (``chosen ==
+   rejected``: no DPO gradient, only the SFT term on them), so the fit keeps
+   that group's generations near the incumbent's instead of letting other
+   groups' pairs move them through the attribute tokens all categories share;
 5. :func:`learner.dpo.train.fit_group_dpo` fits from the live model, which is
    also the frozen reference of the round.
 
@@ -44,6 +45,13 @@ from streams.pairs import PairMiner, PairMinerConfig
 
 SlateKey = tuple[str, str]
 """(group id, product id)."""
+
+MIRROR_MODES = ("mirror", "both", "mirror_kl")
+"""``learner.dpo.preserve`` values that add mirrored pairs (:func:`protection_pairs`)."""
+ANCHOR_MODES = ("sft", "both", "kl", "mirror_kl")
+"""``learner.dpo.preserve`` values that anchor groups without pairs (:func:`quiet_group_anchors`)."""
+KL_MODES = ("kl", "mirror_kl")
+"""... of those, the ones that hold the anchors by a KL term (:mod:`learner.dpo.anchor`) rather than SFT rows."""
 
 
 @dataclass(frozen=True)
@@ -177,21 +185,42 @@ def protection_pairs(
     groups' pairs of its category mirrored, so through shared weights those pairs can move it no more than
     its own pairs ask for. None for the one-size baseline or when ``preserve`` has no mirror.
     """
-    if one_size or preserve not in ("mirror", "both") or not pairs:
+    if one_size or preserve not in MIRROR_MODES or not pairs:
         return []
     with_pairs = {p.group_id for p in pairs}
     held = sorted(targets) if scope == "all" else sorted(set(targets) - with_pairs)
     return mirrored_pairs(pairs, held)
 
 
-def anchor_rows(
-    slates: Mapping[SlateKey, Sequence[str]], groups_with_pairs: Iterable[str], per_slate: int | None = None
+def quiet_group_anchors(
+    incumbent: GMLLM,
+    targets: Mapping[str, GroupFeatures | str],
+    products: Mapping[str, ProductRecord],
+    groups_with_pairs: Iterable[str],
+    products_per_group: int,
+    k: int,
+    *,
+    seed: int = 0,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
 ) -> list[Anchor]:
-    """Anchors for every group without a pair: its own sampled creatives (at most ``per_slate`` per product)."""
+    """Anchors for every target without a pair, in any category: the incumbent's own ``k`` samples on the first
+    ``products_per_group`` products (by id) of the target's category, duplicates kept.
+
+    The SFT term on them is distillation: ``E_incumbent[-log π(y)]`` is least where ``π`` equals the incumbent,
+    so a creative it writes often keeps its weight (deduplicated samples would pull toward the rare ones).
+    A fit on one category's pairs moves the attribute tokens every category shares, so every quiet group is
+    held, not only those that share a category with the pairs.
+    """
     covered = set(groups_with_pairs)
+    by_category: dict[str, list[ProductRecord]] = {}
+    for record in sorted(products.values(), key=lambda r: r.id):
+        by_category.setdefault(record.category, []).append(record)
     anchors: list[Anchor] = []
-    for (group, product), prompts in sorted(slates.items()):
-        if group in covered:
-            continue
-        anchors.extend(Anchor(group, product, text) for text in list(prompts)[:per_slate])
+    for g_index, group in enumerate(sorted(set(targets) - covered)):
+        for p_index, product in enumerate(by_category.get(group.split("/", 1)[0], [])[:products_per_group]):
+            generations = incumbent.generate(targets[group], product, n=k, seed=seed * 100_003 + g_index * 1_009
+                                             + p_index, temperature=temperature, constrained=True,
+                                             max_new_tokens=max_new_tokens)
+            anchors.extend(Anchor(group, product.id, g.prompt.to_text()) for g in generations if g.prompt is not None)
     return anchors

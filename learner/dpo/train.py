@@ -20,8 +20,10 @@ from typing import Any
 
 from infra.settings import DPOSettings
 from learner.data import ProductRecord
+from learner.dpo.anchor import anchor_batch
 from learner.dpo.config import GroupDPOConfig
 from learner.dpo.data import preference_dataset, usable_pairs
+from learner.dpo.onpolicy import KL_MODES
 from features.group import GroupFeatures
 from learner.model.gmllm import GMLLM
 from infra.contracts.messages import PreferencePair
@@ -120,10 +122,12 @@ def fit_group_dpo(
     ``trainer_class`` swaps the trainer (the ``group-dpo`` benchmark passes TRL's
     own ``DPOTrainer``). ``on_log(step, logs)`` sees TRL's logged figures.
     ``anchors`` (:class:`learner.dpo.onpolicy.Anchor`: creatives of groups
-    without pairs, ``chosen == rejected``) add rows that only the SFT term
-    acts on, weighted ``preserve_sft_weight`` (:func:`sft_coefficient`); they are
-    ignored when ``preserve_sft_weight`` is 0 or in one-size mode. Steps count
-    pairs and anchors alike.
+    without pairs) are held by a KL term to ``reference`` when ``preserve`` is
+    ``kl``/``mirror_kl`` (:mod:`learner.dpo.anchor`, weight
+    ``preserve_kl_weight``); otherwise they add rows (``chosen == rejected``)
+    that only the SFT term acts on, weighted ``preserve_sft_weight``
+    (:func:`sft_coefficient`), and steps count pairs and those rows alike.
+    They are ignored in one-size mode.
     """
     from transformers import PrinterCallback, TrainerCallback
 
@@ -137,8 +141,10 @@ def fit_group_dpo(
         weights: list[float] | None = [index[id(p)] for p in kept]
     else:
         weights = None
-    if one_size or settings.preserve_sft_weight <= 0:
-        anchors = ()
+    kl_anchors = anchor_batch(policy, anchors, features, products) \
+        if anchors and not one_size and settings.preserve in KL_MODES else None
+    if one_size or settings.preserve_sft_weight <= 0 or settings.preserve in KL_MODES:
+        anchors = ()  # no SFT rows: the KL term holds them, or nothing does
     dataset = preference_dataset(kept, features, products, policy.tokenizer.eos_token, one_size, anchors)
     n_anchors = len(dataset) - len(kept)
     if weights is not None and n_anchors:
@@ -161,7 +167,7 @@ def fit_group_dpo(
             args=args, train_dataset=dataset, callbacks=[_Collect()],
         )
         if cls is GroupDPOTrainer or issubclass(cls, GroupDPOTrainer):
-            kwargs["pair_weights"] = weights
+            kwargs.update(pair_weights=weights, anchors=kl_anchors, anchor_weight=settings.preserve_kl_weight)
         trainer = cls(**kwargs)
         trainer.remove_callback(PrinterCallback)  # figures go to on_log and FitResult, not stdout
         started = time.perf_counter()
@@ -182,5 +188,5 @@ def fit_group_dpo(
         losses=[h["loss"] for h in history],
         margins=[h.get("rewards/margins", float("nan")) for h in history],
         pairs_seen=int(trainer.state.global_step) * settings.batch_size,
-        anchors=n_anchors,
+        anchors=n_anchors or (len(kl_anchors) if kl_anchors is not None else 0),
     )

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Sampler, WeightedRandomSampler
 from trl import DPOTrainer
 
+from learner.dpo.anchor import AnchorBatch, anchor_kl
 from learner.dpo.config import GroupDPOConfig
 from learner.dpo.weights import group_pair_weights
 
@@ -27,9 +28,13 @@ class GroupDPOTrainer(DPOTrainer):
 
     ``pair_weights`` (keyword only, optional): extra per-pair weights, e.g. the
     replay buffer's recency weights, multiplied into the group weights.
+    ``anchors`` (keyword only, optional): creatives of groups without pairs; each
+    step adds ``anchor_weight`` × :func:`learner.dpo.anchor.anchor_kl` on a batch
+    of them drawn uniformly (logged as ``anchor_kl``).
     """
 
-    def __init__(self, *args: Any, pair_weights: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, pair_weights: Any = None, anchors: AnchorBatch | None = None,
+                 anchor_weight: float = 1.0, **kwargs: Any) -> None:
         config: GroupDPOConfig = kwargs.get("args") or (args[2] if len(args) > 2 else None)
         if not isinstance(config, GroupDPOConfig):
             raise TypeError("GroupDPOTrainer needs args=GroupDPOConfig(...)")
@@ -49,7 +54,24 @@ class GroupDPOTrainer(DPOTrainer):
                 raise ValueError(f"pair_weights needs one positive weight per pair ({len(self.pair_groups)})")
             combined = self.pair_weights * extra
             self.pair_weights = combined / combined.mean()
+        self.anchors, self.anchor_weight = anchors, float(anchor_weight)
+        self._anchor_draws = torch.Generator().manual_seed(config.seed)
         super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """TRL's DPO loss, plus the anchors' KL to the reference when there are anchors."""
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.anchors is None or not model.training:
+            return out
+        index = torch.randint(len(self.anchors), (self.args.per_device_train_batch_size,),
+                              generator=self._anchor_draws)
+        kl = anchor_kl(model, self.ref_model, self.anchors.rows(index))
+        self._metrics["train"]["anchor_kl"].append(float(kl.detach()))
+        if return_outputs:
+            loss, outputs = out
+            return loss + self.anchor_weight * kl, outputs
+        return out + self.anchor_weight * kl
 
     def group_shares(self) -> dict[str, float]:
         """Each group's expected share of the pairs the sampler draws."""

@@ -282,18 +282,28 @@ class GMLLM:
         self.model.eval()
         out = np.zeros(len(items), dtype=np.float64)
         for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            prompts = [self.encode(task_segments("generate", group=g, product=p)) for g, p, _ in chunk]
-            targets = [self.encode_completion(text) for _, _, text in chunk]
-            input_ids, attention = self.pad([a + b for a, b in zip(prompts, targets, strict=True)])
-            pixels = torch.stack([self.pixel_values(p) for _, p, _ in chunk])
+            input_ids, attention, pixels, mask = self.completion_batch(items[start : start + batch_size])
             logits = self.model(input_ids=input_ids, attention_mask=attention, pixel_values=pixels,
                                 use_cache=False).logits.float()
             logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            for row, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
-                first = len(prompt) - 1  # logits at position i predict token i + 1
-                out[start + row] = float(logps[row, first : first + len(target)].sum())
+            out[start : start + len(mask)] = (logps * mask).sum(dim=1).double().numpy()
         return out
+
+    def completion_batch(
+        self, items: Sequence[tuple[GroupFeatures | str, ProductRecord, str]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Model inputs of ``(group, product, completion text)`` items: ``(input_ids, attention_mask,
+        pixel_values, completion_mask)``; ``completion_mask[r, i]`` is 1 where the logits at position ``i``
+        predict a completion token (or its EOS) of row ``r``."""
+        prompts = [self.encode(task_segments("generate", group=g, product=p)) for g, p, _ in items]
+        targets = [self.encode_completion(text) for _, _, text in items]
+        input_ids, attention = self.pad([a + b for a, b in zip(prompts, targets, strict=True)])
+        mask = torch.zeros((len(items), input_ids.shape[1] - 1), dtype=torch.float32)
+        for row, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+            first = len(prompt) - 1  # logits at position i predict token i + 1
+            mask[row, first : first + len(target)] = 1.0
+        pixels = torch.stack([self.pixel_values(p) for _, p, _ in items])
+        return input_ids, attention, pixels, mask
 
     def copy(self) -> GMLLM:
         """An independent copy of the weights (the processor is shared: it is not trained).

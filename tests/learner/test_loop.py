@@ -136,6 +136,18 @@ def test_known_groups_without_pairs_are_protected_in_a_round(tmp_path, base_arti
     assert unprotected.training["mirrored"] == 0, "without known groups only groups with pairs are read"
 
 
+def test_a_round_anchors_groups_without_pairs_on_the_incumbents_own_samples(tmp_path, base_artifact, tiny_log,  # noqa: ANN001
+                                                                             features, pairs, one_thread) -> None:  # noqa: ANN001
+    settings = SETTINGS.model_copy(deep=True)
+    settings.dpo.preserve, settings.dpo.anchor_products, settings.loop.onpolicy_candidates = "both", 1, 4
+    loop = _loop(tmp_path, base_artifact, tiny_log, features, known_groups=["mugs/g1"], settings=settings)
+    for pair in (p for p in pairs if p.group_id == "mugs/g0"):
+        loop.offer(pair)
+    record = loop.train_round(now=10.0).outcome.record
+    assert record.training["anchors"] == 4, "mugs/g1 (no pairs): 4 samples of the incumbent on 1 product"
+    assert record.training["mirrored"] > 0, "both: mirrored pairs beside the anchors"
+
+
 def test_a_candidate_the_gate_refuses_publishes_nothing_and_the_reason_is_logged(tmp_path, base_artifact, tiny_log,  # noqa: ANN001
                                                                                   features, pairs, one_thread) -> None:  # noqa: ANN001
     settings = SETTINGS.model_copy(update={  # only the simulated CTR can refuse it here

@@ -86,12 +86,12 @@ def _policy_ctr(world, model, features, members, products,  # noqa: ANN001
     return out
 
 
-def _two_rounds(setup, preserve: str) -> tuple[dict, dict, list[dict]]:  # noqa: ANN001
+def _two_rounds(setup, preserve: str, **dpo) -> tuple[dict, dict, list[dict]]:  # noqa: ANN001, ANN003
     from bench.onpolicy import Arm, onpolicy_round
     from learner.pretrain import torch_threads
 
     world, settings, base, features, members, products = setup
-    settings = settings.model_copy(update={"dpo": settings.dpo.model_copy(update={"preserve": preserve})})
+    settings = settings.model_copy(update={"dpo": settings.dpo.model_copy(update={"preserve": preserve, **dpo})})
     # Only mugs/pinkish is shown to users: mugs/calm gets no traffic, hence no pair, in either round.
     arm = Arm("Group-DPO", base, dict(features), {"mugs/pinkish": members["mugs/pinkish"]}, one_size=False)
     with torch_threads(1):
@@ -129,8 +129,33 @@ def test_a_group_without_pairs_is_anchored_and_stays_within_noise(anchored, tiny
     assert before["mugs/calm"][0] - loose["mugs/calm"][0] > 2 * abs(change), (before, after, loose)
 
 
+def test_a_kl_to_the_incumbent_on_its_own_samples_holds_a_group_without_pairs(tiny_setup) -> None:  # noqa: ANN001, E501
+    before, after, rounds = _two_rounds(tiny_setup, "kl", preserve_kl_weight=50.0)
+    assert all(r["anchors"] > 0 and r["mirrored"] == 0 for r in rounds), rounds
+    change = after["mugs/calm"][0] - before["mugs/calm"][0]
+    assert abs(change) <= 2 * _noise(before["mugs/calm"], after["mugs/calm"]), (before, after)
+    (b, _), (a, _) = before["mugs/pinkish"], after["mugs/pinkish"]
+    assert a > 1.1 * b, "the group with pairs still gains: the KL acts on the quiet group's creatives only"
+
+
+def test_anchor_kl_is_zero_at_the_reference_and_grows_with_drift(tiny_setup) -> None:  # noqa: ANN001
+    from learner.dpo.anchor import anchor_batch, anchor_kl
+    from learner.dpo.onpolicy import quiet_group_anchors
+
+    _, _, base, features, _, products = tiny_setup
+    batch = anchor_batch(base, quiet_group_anchors(base, features, products, set(), 1, 4), features, products)
+    assert batch is not None and len(batch) == 2 * 4
+    assert float(anchor_kl(base.model, base.model, batch)) == pytest.approx(0.0, abs=1e-6)
+    drifted = base.copy()
+    with torch.no_grad():
+        for parameter in drifted.model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    assert float(anchor_kl(drifted.model, base.model, batch)) > 1e-3
+    assert anchor_batch(base, [], features, products) is None
+
+
 def test_slate_pairs_are_mined_with_the_stream_miner_and_a_margin() -> None:
-    from learner.dpo.onpolicy import anchor_rows, best_winner_pairs, mine_slate_pairs, with_margin
+    from learner.dpo.onpolicy import best_winner_pairs, mine_slate_pairs, with_margin
 
     stats = {("mugs/g0", "p1"): {"A": CreativeStats(3000, 240), "B": CreativeStats(3000, 150),
                                  "C": CreativeStats(3000, 60)},
@@ -139,8 +164,6 @@ def test_slate_pairs_are_mined_with_the_stream_miner_and_a_margin() -> None:
     assert {(p.winner_prompt, p.loser_prompt) for p in pairs} == {("A", "B"), ("A", "C"), ("B", "C")}
     assert {(p.winner_prompt, p.loser_prompt) for p in with_margin(pairs, 1.0)} == {("A", "C"), ("B", "C")}
     assert {p.winner_prompt for p in best_winner_pairs(pairs)} == {"A"}
-    slates = {("mugs/g0", "p1"): ["A", "B", "C"], ("mugs/g1", "p1"): ["A", "B"]}
-    assert [(a.group_id, a.prompt) for a in anchor_rows(slates, {"mugs/g0"})] == [("mugs/g1", "A"), ("mugs/g1", "B")]
 
 
 def test_protection_mirrors_other_groups_pairs_for_quiet_groups_or_for_all() -> None:
@@ -175,6 +198,20 @@ def test_anchor_rows_carry_no_dpo_signal(tiny_setup) -> None:  # noqa: ANN001
     assert rows["group_id"] == ["mugs/pinkish", "mugs/calm"]
     assert rows[1]["chosen"] == rows[1]["rejected"] == "C<e>"
     assert rows[1]["prompt"].startswith("group mugs/calm")
+
+
+def test_quiet_group_anchors_are_the_incumbents_own_samples_for_every_group_without_pairs(tiny_setup) -> None:  # noqa: ANN001, E501
+    from learner.dpo.onpolicy import quiet_group_anchors
+
+    _, _, base, features, _, products = tiny_setup
+    targets = {**features, "pens/g0": features["mugs/calm"]}  # a category without products gets no anchor
+    anchors = quiet_group_anchors(base, targets, products, {"mugs/pinkish"}, 2, 6, seed=3)
+    assert {a.group_id for a in anchors} == {"mugs/calm"}, "groups with pairs are not anchored"
+    assert sorted({a.product_id for a in anchors}) == sorted(products)[:2]
+    assert len(anchors) == 2 * 6, "every sample, duplicates kept: the SFT term then distils the incumbent"
+    again = quiet_group_anchors(base, targets, products, {"mugs/pinkish"}, 2, 6, seed=3)
+    assert anchors == again, "seeded: the same incumbent and round give the same anchors"
+    assert quiet_group_anchors(base, features, products, set(features), 2, 6) == []
 
 
 def test_simulated_slate_traffic_follows_the_world(tiny_setup) -> None:  # noqa: ANN001

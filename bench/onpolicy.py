@@ -36,6 +36,7 @@ from infra.settings import LearnerSettings
 from learner.data import ProductRecord
 from learner.dpo.onpolicy import (
     ANCHOR_MODES,
+    anchored_groups_with_pairs,
     best_winner_pairs,
     mine_slate_pairs,
     protection_pairs,
@@ -118,7 +119,8 @@ def onpolicy_round(
     quiet = sorted(set(targets) - {p.group_id for p in pairs})
     anchors = []
     if not arm.one_size and pairs and settings.dpo.preserve in ANCHOR_MODES:
-        anchors = quiet_group_anchors(arm.model, arm.targets, products, {p.group_id for p in pairs},
+        anchors = quiet_group_anchors(arm.model, arm.targets, products,
+                                      anchored_groups_with_pairs(pairs, settings.dpo.preserve_scope),
                                       settings.dpo.anchor_products, loop.onpolicy_candidates,
                                       seed=seed * 1_000 + round_number, temperature=loop.onpolicy_temperature,
                                       max_new_tokens=settings.generation.max_new_tokens)

@@ -260,15 +260,15 @@ class DPOSettings(BaseModel):
         "sigmoid", description="TRL's DPO loss type (the SFT term is added beside it when its weight is above 0)."
     )
     preserve: Literal["mirror", "sft", "both", "kl", "mirror_kl", "off"] = Field(
-        "mirror", description="How a fit protects groups without pairs: mirror: other groups' pairs of its "
+        "mirror_kl", description="How a fit protects groups without pairs: mirror: other groups' pairs of its "
         "category, both ways, under its prefix (holds its preference between the creatives the fit moves where "
         "the incumbent has it); sft: the incumbent's own creatives for it as SFT-only rows (chosen == rejected); "
         "both: mirror and sft; kl: a token-level KL to the incumbent on those creatives, every step "
         "(preserve_kl_weight); mirror_kl: mirror and kl; off."
     )
     preserve_scope: Literal["quiet", "all"] = Field(
-        "quiet", description="preserve=mirror/both: which groups get the mirrored pairs: quiet (those without pairs "
-        "of their own) or all (every group, against the other groups' pairs of its category)."
+        "quiet", description="Which groups are protected: quiet (those without pairs of their own) or all (every "
+        "group: mirrored pairs of the other groups of its category, anchors on its own creatives)."
     )
     preserve_weight: float = Field(
         5.0, ge=0, le=100.0, description="preserve=mirror/both: the sampling weight of a mirrored pair against a "
@@ -279,7 +279,7 @@ class DPOSettings(BaseModel):
         "one SFT weight for all rows, so winners get it too); 0 turns anchors off."
     )
     preserve_kl_weight: float = Field(
-        1.0, ge=0, le=1000.0, description="preserve=kl/mirror_kl: the weight of the anchors' KL term beside the "
+        10.0, ge=0, le=1000.0, description="preserve=kl/mirror_kl: the weight of the anchors' KL term beside the "
         "DPO loss."
     )
     anchor_products: int = Field(

@@ -33,7 +33,7 @@ from infra.settings import LearnerSettings
 from learner.buffer import PairBuffer
 from learner.data import ProductRecord
 from learner.dpo.heldout import heldout_figures
-from learner.dpo.onpolicy import ANCHOR_MODES, Anchor, protection_pairs, quiet_group_anchors
+from learner.dpo.onpolicy import ANCHOR_MODES, Anchor, anchored_groups_with_pairs, protection_pairs, quiet_group_anchors
 from learner.dpo.train import fit_group_dpo
 from learner.gate import GateConfig, GateDecision, GroupFigures, decide
 from features.group import GroupFeatures
@@ -197,7 +197,7 @@ def round_anchors(incumbent: GMLLM, train: Sequence[PreferencePair], features: M
     dpo, loop = settings.dpo, settings.loop
     if one_size or dpo.preserve not in ANCHOR_MODES:
         return []
-    return quiet_group_anchors(incumbent, features, products, {p.group_id for p in train}, dpo.anchor_products,
+    return quiet_group_anchors(incumbent, features, products, anchored_groups_with_pairs(train, dpo.preserve_scope), dpo.anchor_products,
                                loop.onpolicy_candidates, seed=number, temperature=loop.onpolicy_temperature,
                                max_new_tokens=settings.generation.max_new_tokens)
 

@@ -192,6 +192,12 @@ def protection_pairs(
     return mirrored_pairs(pairs, held)
 
 
+def anchored_groups_with_pairs(pairs: Iterable[PreferencePair], scope: str) -> set[str]:
+    """The groups :func:`quiet_group_anchors` leaves out: those with pairs (``scope="quiet"``), none (``"all"``:
+    every group is also held against the other groups' pairs, its own pairs pulling against its anchors)."""
+    return {p.group_id for p in pairs} if scope == "quiet" else set()
+
+
 def quiet_group_anchors(
     incumbent: GMLLM,
     targets: Mapping[str, GroupFeatures | str],

@@ -212,6 +212,11 @@ def test_quiet_group_anchors_are_the_incumbents_own_samples_for_every_group_with
     again = quiet_group_anchors(base, targets, products, {"mugs/pinkish"}, 2, 6, seed=3)
     assert anchors == again, "seeded: the same incumbent and round give the same anchors"
     assert quiet_group_anchors(base, features, products, set(features), 2, 6) == []
+    from learner.dpo.onpolicy import anchored_groups_with_pairs
+
+    pairs = [type("P", (), {"group_id": "mugs/pinkish"})()]
+    assert anchored_groups_with_pairs(pairs, "quiet") == {"mugs/pinkish"}
+    assert anchored_groups_with_pairs(pairs, "all") == set(), "scope all: groups with pairs are anchored too"
 
 
 def test_simulated_slate_traffic_follows_the_world(tiny_setup) -> None:  # noqa: ANN001

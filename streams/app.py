@@ -16,10 +16,14 @@ store never blocks or crashes the stream.
 Delivery is at-least-once (Faust commits offsets after a batch is handled);
 idempotence by event id in both stages turns redelivery into exact counts.
 Tables are in-memory stores rebuilt from their changelog topics on restart.
+A batch returns (and Faust may commit its offsets) only once the broker has
+acknowledged the journal entries that make a replay skip it
+(:class:`Deliveries`; ``producer.flush()`` alone does not wait for them).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import weakref
@@ -30,16 +34,18 @@ from typing import Any
 
 import faust
 from faust.streams import _current_event
-from faust.types import EventT, StreamT
+from faust.events import Event
+from faust.types import EventT, Message, ProducerT, StreamT
 
 from infra.contracts.events import EventError
 from infra.contracts.messages import dead_letter_bytes
-from infra.security import faust_credentials
+from infra.security import aiokafka_options, faust_credentials
 from infra.contracts.messages import to_bytes as message_bytes
 from infra.settings import Settings
 from streams import metrics
 from streams.aggregate import FeatureFeed, OutcomeBatch
 from streams.ingest import BatchResult
+from streams.offsets import Admit, OffsetGuard, read_records
 from streams.stages import build_stages, collect_outcomes, detach_aggregate, publish_views, restore_views
 
 log = logging.getLogger(__name__)
@@ -102,6 +108,7 @@ class Worker:
             stream_buffer_maxsize=max(4 * cfg.batch_size, 4096),
             broker_max_poll_records=max(cfg.batch_size, 500),
             producer_linger=0.005,
+            Table=TrackedTable,
         )
         self.events_topic = self.app.topic(topics.impressions, topics.clicks)
         self.outcomes_topic = self.app.topic(f"{cfg.app_id}-outcomes", partitions=cfg.outcome_partitions, internal=True)
@@ -111,8 +118,12 @@ class Worker:
 
         json_schema = faust.Schema(key_serializer="json", value_serializer="json")
 
+        self.deliveries = Deliveries()
+
         def table(name: str, partitions: int) -> faust.Table:
-            return self.app.Table(name, default=None, partitions=partitions, schema=json_schema)
+            made = self.app.Table(name, default=None, partitions=partitions, schema=json_schema)
+            made.deliveries = self.deliveries
+            return made
 
         stages = self._stages = build_stages(settings, table, writer=_changelog_writer)
         self.seen, self.index, self.assigned = stages.seen, stages.index, stages.assigned
@@ -128,6 +139,10 @@ class Worker:
             )
             self.feed = FeatureFeed(self.aggregate, self.pusher.submit, top_prompts=settings.features.top_prompts)
         self._next_offset: dict[tuple[str, int], int] = {}
+        self.input_offsets = OffsetGuard()
+        """Next offset of each impression/click partition stage 1 processed (see :mod:`streams.offsets`)."""
+        self.outcome_offsets = OffsetGuard()
+        """Next offset of each outcome partition stage 2 processed."""
         self._register()
 
     def start_feature_push(self, wait_s: float = 0.0) -> bool:
@@ -158,11 +173,23 @@ class Worker:
         self.seen.recover()
         self.index.recover()
         self.ingest.rebuild()
+        offsets = dict(self.index.recovered_offsets)
+        for tp, offset in self.seen.recovered_offsets.items():
+            offsets[tp] = max(offset, offsets.get(tp, 0))
+        self.input_offsets.reset(offsets)
+        log.info("recovered stage 1: next input offsets from the journals %s", _offsets_text(offsets))
 
     async def _rebuild_aggregate(self) -> None:
         self.assigned.recover()
         restore_views(self._stages)
         self.aggregate.rebuild()
+        self.outcome_offsets.reset(self.assigned.recovered_offsets)
+        log.info("recovered stage 2: next outcome offsets from the journal %s",
+                 _offsets_text(self.assigned.recovered_offsets))
+        log.info("recovered stage 2: %d assigned impressions from %s journal entries per partition; "
+                 "view rows restored from them per partition: %s", len(self.assigned),
+                 self.assigned.entries_per_partition(),
+                 {p: {name: len(r) for name, r in views.items()} for p, views in self.assigned.recovered_views.items()})
         if self.feed is not None:
             self._feed(self.feed.rebuild)
 
@@ -178,6 +205,7 @@ class Worker:
         before the journal entries that make a replay of these events skip them, so a replay either
         re-sends an outcome (stage 2 drops it by impression id) or finds nothing was sent.
         """
+        events = await self._admit(self.input_offsets, events)
         by_partition: dict[int, list[EventT]] = defaultdict(list)
         for event in events:
             message = event.message
@@ -191,7 +219,8 @@ class Worker:
             for chunk in _chunks(part_events, CHUNK_BYTES):
                 result = self.ingest.process(partition, [e.value or b"" for e in chunk])
                 watermark = self.ingest.watermark(partition)
-                entries.append((chunk[-1], partition, watermark, self.seen.detach(), self.index.detach()))
+                entries.append((chunk[-1], partition, watermark, self.seen.detach(), self.index.detach(),
+                                _next_offsets(chunk)))
                 n_events += sum(result.events_per_message)
                 _count_in(result, chunk)
                 await self._dead_letter(result, chunk)
@@ -200,13 +229,47 @@ class Worker:
                     self._feed(self.feed.after_ingest, result.impressions)
                 await self._send_outcomes(outcomes, at_least=OUTCOME_ROWS)
         await self._send_outcomes(outcomes, at_least=1)
-        await self.app.producer.flush()
-        for last_event, partition, watermark, seen, index in entries:
+        await self.deliveries.wait(self.app.producer)
+        for last_event, partition, watermark, seen, index, offsets in entries:
             with _table_context(last_event):
-                self.seen.write(seen, partition, watermark)
-                self.index.write(index, partition, watermark)
+                self.seen.write(seen, partition, watermark, offsets=offsets)
+                self.index.write(index, partition, watermark, offsets=offsets)
+        # Faust acks these events when this returns and may commit their offsets at once: the entries must be
+        # durable by then, or a kill resumes past events whose impression index (for later clicks) is gone.
+        await self.deliveries.wait(self.app.producer)
         metrics.BATCH_SIZE.observe(n_events)
         _count_ingest(before, self.ingest.counters)
+
+    async def _admit(self, guard: OffsetGuard, events: Sequence[EventT]) -> list[EventT]:
+        """``events`` with the records the consumer skipped before any of them (a hole in a partition's offsets),
+        read here and put before it (:mod:`streams.offsets`)."""
+        admitted = []
+        for event in events:
+            message = event.message
+            if guard.admit(message.topic, message.partition, message.offset) is Admit.HOLE:
+                admitted.extend(await self._fill_hole(guard, message))
+                guard.admit(message.topic, message.partition, message.offset)
+            admitted.append(event)
+        return admitted
+
+    async def _fill_hole(self, guard: OffsetGuard, message: Any) -> list[EventT]:
+        """The records of ``message``'s partition from the guard's next offset up to it, as events."""
+        topic, partition = message.topic, message.partition
+        start = guard.expected(topic, partition)
+        log.warning("%s[%d]: offset %d came while %d is next; reading %d-%d past the consumer",
+                    topic, partition, message.offset, start, start, message.offset - 1)
+        records = await read_records(self.settings.bootstrap_servers, aiokafka_options(self.settings.security.kafka),
+                                     topic, partition, start, message.offset)
+        metrics.REFETCHED.labels(topic).inc(len(records))
+        if len(records) < message.offset - start:
+            log.error("%s[%d]: only %d of offsets %d-%d are in the log; going on without the others",
+                      topic, partition, len(records), start, message.offset - 1)
+        events = []
+        for record in records:
+            guard.admit(topic, partition, record.offset)
+            events.append(_event_of(self.app, record))
+        guard.expect(topic, partition, message.offset)
+        return events
 
     async def _send_outcomes(self, outcomes: dict[str, OutcomeBatch], at_least: int) -> None:
         """Send each category's outcome batch that holds ``at_least`` rows (keyed by category)."""
@@ -232,30 +295,44 @@ class Worker:
 
     async def _aggregate_agent(self, stream: StreamT) -> None:
         async for event in stream.events():
-            category = event.key.decode()
-            batch = OutcomeBatch.from_bytes(event.value)
-            message = event.message
-            self._next_offset[(message.topic, message.partition)] = message.offset + 1
-            before = _snapshot(self.aggregate.counters)
-            result = self.aggregate.apply(category, batch)
-            # Pairs and alerts first (a replay re-sends them with the same ids), then the batch's journal
-            # entry with the view rows it wrote, durable before those rows reach their tables: a kill at
-            # any moment leaves the counts either without the batch (replayed) or recoverable with it.
-            for pair in result.pairs:
-                await self.pairs_topic.send(key=pair.group_id.encode(), value=message_bytes(pair))
-            for alert in result.alerts:
-                await self.drift_topic.send(key=alert.group_id.encode(), value=message_bytes(alert))
-            if result.pairs or result.alerts:
-                await self.app.producer.flush()
-            changes, rows = detach_aggregate(self._stages)
-            self.assigned.write(changes, message.partition, self.aggregate.watermark(category), rows)
+            await self._aggregate_event(event)
+
+    async def _aggregate_event(self, event: EventT) -> None:
+        """Stage 2 over one outcome message, after any the consumer skipped before it (see :meth:`_admit`)."""
+        for admitted in await self._admit(self.outcome_offsets, [event]):
+            with _table_context(admitted):
+                await self._aggregate_one(admitted)
+
+    async def _aggregate_one(self, event: EventT) -> None:
+        """Stage 2 over one outcome message (in its event's context).
+
+        Pairs and alerts first (a replay re-sends them with the same ids), then the batch's journal entry
+        with the view rows it wrote, acknowledged before those rows reach their tables and before this
+        returns (Faust then acks the event and may commit its offset): a kill at any moment leaves the
+        counts either without the batch (replayed) or recoverable with it.
+        """
+        category = event.key.decode()
+        batch = OutcomeBatch.from_bytes(event.value)
+        message = event.message
+        self._next_offset[(message.topic, message.partition)] = message.offset + 1
+        before = _snapshot(self.aggregate.counters)
+        result = self.aggregate.apply(category, batch)
+        for pair in result.pairs:
+            await self.pairs_topic.send(key=pair.group_id.encode(), value=message_bytes(pair))
+        for alert in result.alerts:
+            await self.drift_topic.send(key=alert.group_id.encode(), value=message_bytes(alert))
+        if result.pairs or result.alerts:
             await self.app.producer.flush()
-            publish_views(self._stages, message.partition, rows)
-            _count_aggregate(before, self.aggregate.counters)
-            groups = self.aggregate.grouper(category).groups(category)
-            metrics.GROUPS.labels(category).set(len(groups))
-            if self.feed is not None:
-                self._feed(self.feed.after_batch, category, result, groups)
+        changes, rows = detach_aggregate(self._stages)
+        self.assigned.write(changes, message.partition, self.aggregate.watermark(category), rows,
+                            offsets={message.topic: message.offset + 1})
+        await self.deliveries.wait(self.app.producer)
+        publish_views(self._stages, message.partition, rows)
+        _count_aggregate(before, self.aggregate.counters)
+        groups = self.aggregate.grouper(category).groups(category)
+        metrics.GROUPS.labels(category).set(len(groups))
+        if self.feed is not None:
+            self._feed(self.feed.after_batch, category, result, groups)
 
     def _feed(self, step: Any, *args: Any) -> None:
         """Run one feature-feed step; a failure is logged and counted, never raised into the stream."""
@@ -278,6 +355,48 @@ class Worker:
                 continue
             position = self._next_offset.get((tp.topic, tp.partition), 0)
             metrics.LAG.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+
+
+class Deliveries:
+    """Changelog records the worker's tables sent, kept until the broker acknowledges them.
+
+    ``app.producer.flush()`` is no delivery barrier for table writes: they go through Faust's producer
+    buffer, whose flush gives up after 0.1 s without progress and does not count the record its sender
+    task is handing to aiokafka at that moment (e.g. waiting for the partition's previous batch), so a
+    journal entry written just before it can still be unsent when it returns. :meth:`wait` awaits each
+    record's own future, which resolves only on the broker's acknowledgement.
+    """
+
+    def __init__(self) -> None:
+        self._sent: list[tuple[str, asyncio.Future]] = []
+
+    def add(self, table: str, sent: asyncio.Future) -> None:
+        """Track one changelog record of ``table``."""
+        self._sent.append((table, sent))
+
+    def undelivered(self, tables: set[str] | None = None) -> int:
+        """Records (of ``tables``, or of all) sent and not yet acknowledged."""
+        return sum(not sent.done() for name, sent in self._sent if tables is None or name in tables)
+
+    async def wait(self, producer: ProducerT) -> None:
+        """Wait until every message sent so far is acknowledged (raises the first send error)."""
+        await producer.flush()  # hands over buffered records; delivers directly sent messages (outcomes, pairs)
+        pending = [sent for _, sent in self._sent if not sent.done()]
+        if pending:
+            await asyncio.gather(*pending)
+        self._sent = [(name, sent) for name, sent in self._sent if not sent.done()]
+
+
+class TrackedTable(faust.Table):
+    """A Faust table whose changelog records are tracked by :class:`Deliveries` (when given one)."""
+
+    deliveries: Deliveries | None = None
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        sent = super().send_changelog(*args, **kwargs)
+        if self.deliveries is not None:
+            self.deliveries.add(self.name, sent)
+        return sent
 
 
 def _changelog_writer(table: faust.Table) -> Any:
@@ -325,6 +444,23 @@ def _table_context(event: EventT) -> Iterator[None]:
         yield
     finally:
         _current_event.reset(token)
+
+
+def _event_of(app: faust.App, record: Any) -> EventT:
+    """A Faust event for a record read past Faust's consumer (not acked: Faust did not deliver it)."""
+    timestamp = record.timestamp / 1000.0 if record.timestamp is not None else time.time()
+    message = Message(record.topic, record.partition, record.offset, timestamp, record.timestamp_type or 0,
+                      list(record.headers or ()), record.key, record.value, None)
+    return Event(app, record.key, record.value, {}, message)
+
+
+def _next_offsets(events: Sequence[EventT]) -> dict[str, int]:
+    """``topic -> next offset`` after ``events`` (records of one partition, in order)."""
+    return {event.message.topic: event.message.offset + 1 for event in events}
+
+
+def _offsets_text(offsets: dict[tuple[str, int], int]) -> str:
+    return ", ".join(f"{topic}[{partition}]={offset}" for (topic, partition), offset in sorted(offsets.items())) or "none"
 
 
 def _chunks(events: Sequence[EventT], max_bytes: int) -> Iterator[Sequence[EventT]]:

@@ -56,6 +56,8 @@ class JournalStore(MutableMapping[str, Any]):
         self._last_id = 0
         self.recovered_views: dict[int, dict[str, dict[str, Any]]] = defaultdict(lambda: defaultdict(dict))
         """After :meth:`recover`: per partition, the newest rows of each view its retained entries hold."""
+        self.recovered_offsets: dict[tuple[str, int], int] = {}
+        """After :meth:`recover`: ``(topic, partition) -> next offset`` of the input the retained entries covered."""
 
     def __getitem__(self, key: str) -> Any:
         return self._data[key]
@@ -93,12 +95,14 @@ class JournalStore(MutableMapping[str, Any]):
         return changes
 
     def write(self, changes: JournalChanges, partition: int, ts: int,
-              views: dict[str, dict[str, Any]] | None = None) -> None:
+              views: dict[str, dict[str, Any]] | None = None, offsets: dict[str, int] | None = None) -> None:
         """Write ``changes`` (and the rows of ``views`` they imply) as one entry of ``partition``.
 
         Call in the context of an event of ``partition``. ``views`` are rows of other tables
         (``name -> {key: value}``) written by the same batch: journaled here, they are restored
         by :meth:`recover` even when the kill came before the tables themselves were written.
+        ``offsets`` (``topic -> next offset`` of the input records of ``partition`` the batch
+        covered) go into the entry when there is one.
         """
         views = {name: rows for name, rows in (views or {}).items() if rows}
         if changes.set or changes.deleted or views:
@@ -106,6 +110,8 @@ class JournalStore(MutableMapping[str, Any]):
             entry: dict[str, Any] = {"set": changes.set, "del": changes.deleted, "ts": ts}
             if views:
                 entry["views"] = views
+            if offsets:
+                entry["offsets"] = offsets
             self.table[key] = entry
             self._entries[partition].append((ts, key))
         if self.window_ms is not None:
@@ -122,6 +128,7 @@ class JournalStore(MutableMapping[str, Any]):
         self._data.clear()
         self._entries.clear()
         self.recovered_views.clear()
+        self.recovered_offsets.clear()
         for key in sorted(self.table.keys(), key=_entry_order):
             entry = self.table[key]
             for deleted in entry["del"]:
@@ -131,7 +138,13 @@ class JournalStore(MutableMapping[str, Any]):
             self._entries[partition].append((entry["ts"], key))
             for name, rows in entry.get("views", {}).items():
                 self.recovered_views[partition][name].update(rows)
+            for topic, offset in entry.get("offsets", {}).items():
+                self.recovered_offsets[(topic, partition)] = max(offset, self.recovered_offsets.get((topic, partition), 0))
             self._last_id = max(self._last_id, int(key.split(":", 1)[1]))
+
+    def entries_per_partition(self) -> dict[int, int]:
+        """How many journal entries each partition retains (after :meth:`recover`, or as written)."""
+        return {partition: len(entries) for partition, entries in self._entries.items() if entries}
 
     def _next_id(self) -> int:
         self._last_id = max(self._last_id + 1, time.time_ns())

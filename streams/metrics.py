@@ -32,6 +32,9 @@ DUPLICATES = Counter("osmf_duplicates_total", "Events dropped as already seen (b
 CLICKS = Counter(
     "osmf_clicks_total", "Clicks by attribution outcome.", ["outcome"]
 )  # attributed, late, orphan, repeat
+REFETCHED = Counter("osmf_records_refetched_total",
+                    "Records the consumer skipped (a hole in a partition's offsets) that the worker read itself.",
+                    ["topic"])
 HELD_CLICKS = Gauge("osmf_clicks_waiting_for_impression", "Clicks held until their impression arrives.")
 COUNTED = Counter("osmf_counted_total", "Impressions and clicks counted in the CTR tables.", ["kind"])
 PAIRS = Counter("osmf_preference_pairs_total", "Preference pairs emitted.")

@@ -38,9 +38,10 @@ class WorkerRun:
 
     def start(self, workers: int = 1) -> None:
         log = open(self.settings.data_dir / f"worker-{len(self.procs)}.log", "ab")
+        loglevel = os.environ.get("OSMF_TEST_WORKER_LOGLEVEL", "warning")  # "info" logs recovery and rebalances
         self.procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "cli.main", "worker", "-n", str(workers)],
+                [sys.executable, "-m", "cli.main", "worker", "-n", str(workers), "--loglevel", loglevel],
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         )
@@ -60,6 +61,10 @@ class WorkerRun:
     def log_tail(self) -> str:
         logs = sorted(self.settings.data_dir.glob("worker-*.log"))
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in logs)
+
+    def log_text(self) -> str:
+        """Everything the worker processes of this run wrote."""
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.settings.data_dir.glob("worker-*.log")))
 
     def table(self, name: str) -> dict:
         """Current content of a worker table, read from its changelog topic (last value per key)."""

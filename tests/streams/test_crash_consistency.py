@@ -3,19 +3,33 @@
 The worker journals each outcome batch (``assigned`` changes plus the view rows it wrote) as one
 entry and writes the views only once that entry is durable. These tests stop the stages at each
 point a kill -9 can land, rebuild them from the same durable tables and replay the batch.
+
+The last test drives the worker's own stage code against the broker: a batch must not return (after
+which Faust acks its events and may commit their offsets) before the broker has acknowledged the
+journal entries that make a restarted worker skip it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import time
 from collections import defaultdict
 from pathlib import Path
 
-from infra.contracts.events import to_bytes
+import pytest
+from faust.events import Event
+from faust.types import Message
+
+from helpers.worker_harness import expected_counts, isolated_run, table_counts
+from infra.contracts.events import Impression, to_bytes
+from infra.kafka import consume_all, ensure_topics
+from infra.producer import partition_for
 from infra.settings import Settings
 from sim.simulate import generate_events
 from sim.world import World
 from streams.aggregate import OutcomeBatch
+from streams.app import Worker, _table_context
 from streams.stages import (
     build_stages, collect_outcomes, detach_aggregate, ingest_partition, journal_aggregate, publish_views,
     restore_views,
@@ -109,3 +123,61 @@ def test_views_are_published_only_after_the_entry() -> None:
     stages.assigned.write(changes, 0, 1, rows)
     publish_views(stages, 0, rows)
     assert _totals(tables["ctr"]) == (len(batch.impressions), len(batch.clicks))
+
+
+STAGE1_JOURNALS = {"seen-journal", "impression-index-journal"}
+STAGE2_JOURNALS = {"assigned-journal"}
+
+
+def _event(worker: Worker, topic: str, partition: int, offset: int, key: bytes, value: bytes) -> Event:
+    message = Message(topic, partition, offset, time.time(), 0, [], key, value, None)
+    return Event(worker.app, key, value, {}, message)
+
+
+async def _drive_stages(worker: Worker, events: list, partitions: int) -> tuple[list[int], list[int]]:
+    """Stage 1 over ``events`` in micro-batches of 200 messages, then stage 2 over every outcome message, as the
+    agents run them; per returned batch, how many of its journal records the broker had not acknowledged."""
+    topics = worker.settings.topics
+    await worker.app.producer.start()
+    try:
+        stage1, offsets = [], defaultdict(int)
+        for start in range(0, len(events), 200):
+            batch = []
+            for event in events[start:start + 200]:
+                topic = topics.impressions if isinstance(event, Impression) else topics.clicks
+                partition = partition_for(event.user_id, partitions)
+                batch.append(_event(worker, topic, partition, offsets[(topic, partition)], event.user_id.encode(),
+                                    to_bytes(event)))
+                offsets[(topic, partition)] += 1
+            await worker._ingest_batch(None, batch)
+            stage1.append(worker.deliveries.undelivered(STAGE1_JOURNALS))
+        outcomes = consume_all(worker.settings.bootstrap_servers, [worker.outcomes_topic.get_topic_name()])
+        stage2 = []
+        for record in outcomes:
+            event = _event(worker, record.topic, record.partition, record.offset, record.key, record.value)
+            with _table_context(event):
+                await worker._aggregate_event(event)
+            stage2.append(worker.deliveries.undelivered(STAGE2_JOURNALS))
+        await worker.deliveries.wait(worker.app.producer)
+        return stage1, stage2
+    finally:
+        await worker.app.producer.stop()
+
+
+@pytest.mark.broker
+def test_stage_batches_return_only_once_their_journal_entries_are_acknowledged(broker_settings, tmp_path) -> None:
+    run = isolated_run(broker_settings, tmp_path)
+    events = list(generate_events(World.load(WORLD_A), seed=5, n_impressions=2000, start_ts_ms=1_767_225_600_000))
+    expected = expected_counts(events)
+    worker = Worker(run.settings)
+    partitions = run.settings.topics.partitions
+    assert run.settings.streams.outcome_partitions == partitions
+    ensure_topics(run.settings.bootstrap_servers, [worker.outcomes_topic.get_topic_name()]
+                  + [table.changelog_topic.get_topic_name() for table in worker.app.tables.values()], partitions)
+
+    stage1, stage2 = asyncio.run(_drive_stages(worker, events, partitions))
+
+    assert len(stage1) == -(-len(events) // 200) and len(stage2) >= len(stage1)
+    assert stage1 == [0] * len(stage1), "stage 1 returned with seen/index journal entries not yet acknowledged"
+    assert stage2 == [0] * len(stage2), "stage 2 returned with its assigned journal entry not yet acknowledged"
+    assert table_counts(dict(worker.stores.ctr.table.data.items())) == (expected.impressions, expected.clicks)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+from aiokafka.errors import KafkaError
 
 from sim.simulate import generate_events
 from sim.world import World
@@ -15,6 +20,9 @@ from infra.kafka import consume_all, produce_events, produce_raw
 from infra.contracts.messages import parse_dead_letter
 
 from helpers.worker_harness import WorkerRun, expected_counts, isolated_run, table_counts
+from infra.settings import Settings
+from streams.aggregate import OutcomeBatch
+from streams.stages import build_stages, collect_outcomes, ingest_partition
 
 WORLD_A = Path(__file__).resolve().parents[2] / "sim" / "examples" / "world_a.yaml"
 
@@ -128,3 +136,77 @@ def test_restarted_worker_recovers_its_tables_and_still_drops_replays(run: Worke
     groups_after = run.table("user-groups")
     kept = sum(groups_after[k] == g for k, g in groups_before.items())
     assert kept / len(groups_before) > 0.9, "a restart must not relabel the groups"
+
+
+async def _send_outcome(bootstrap: str, topic: str, category: str, batch: OutcomeBatch) -> tuple[int, int]:
+    """One outcome message keyed by category, as stage 1 sends it; its (partition, offset)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        sent = await producer.send_and_wait(topic, batch.to_bytes(), key=category.encode())
+        return sent.partition, sent.offset
+    finally:
+        await producer.stop()
+
+
+async def _commit(bootstrap: str, group: str, topic: str, partition: int, offset: int) -> int:
+    """Commit ``offset`` for the consumer group, as Faust does after it skipped a record; read it back.
+
+    Joins the group (the broker takes commits from members only), once the stopped worker's membership is gone.
+    """
+    for _ in range(15):
+        try:
+            return await _commit_as_member(bootstrap, group, TopicPartition(topic, partition), offset)
+        except KafkaError:
+            await asyncio.sleep(1.0)  # the stopped worker is still a member (until its session times out)
+    raise AssertionError(f"could not join group {group} to commit an offset")
+
+
+class _FaustNamedAssignor(RoundRobinPartitionAssignor):
+    """Round robin under the protocol name the worker's group keeps (Faust's assignor is called "faust")."""
+
+    name = "faust"
+
+
+async def _commit_as_member(bootstrap: str, group: str, tp: TopicPartition, offset: int) -> int:
+    topic = tp.topic
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+                                partition_assignment_strategy=(_FaustNamedAssignor,))
+    await consumer.start()
+    try:
+        consumer.subscribe([topic])  # join the group: the broker takes commits from members only
+        while tp not in consumer.assignment():
+            await consumer.getmany(timeout_ms=200)
+        await consumer.commit({tp: offset})
+        return await consumer.committed(tp)
+    finally:
+        await consumer.stop()
+
+
+def test_an_outcome_message_the_consumer_skipped_is_read_and_counted(run: WorkerRun, world: World) -> None:
+    events = list(generate_events(world, seed=8, n_impressions=1000, start_ts_ms=1_767_225_600_000))
+    later = list(generate_events(world, seed=9, n_impressions=600, start_ts_ms=1_767_226_200_000))
+    stage1 = build_stages(Settings(), lambda name, partitions: {})
+    outcomes: dict[str, OutcomeBatch] = defaultdict(OutcomeBatch)
+    collect_outcomes(ingest_partition(stage1, 0, [to_bytes(e) for e in later if isinstance(e, Impression)]), outcomes)
+    category, rows = max(((c, b.impressions) for c, b in outcomes.items()), key=lambda cb: len(cb[1]))
+    skipped, next_one = OutcomeBatch(rows[: len(rows) // 2]), OutcomeBatch(rows[len(rows) // 2 :])
+    bootstrap, topic = run.settings.bootstrap_servers, f"{run.settings.streams.app_id}-outcomes"
+
+    run.start()
+    produce_events(bootstrap, events, run.settings.topics)
+    _assert_exact(run, expected_counts(events))
+    run.stop()
+    # Faust's consumer can drop a record and commit past it (streams/offsets.py): the group's offset is put past
+    # an outcome message the worker never processed, then the next message of that partition arrives.
+    partition, offset = asyncio.run(_send_outcome(bootstrap, topic, category, skipped))
+    assert asyncio.run(_commit(bootstrap, run.settings.streams.app_id, topic, partition, offset + 1)) == offset + 1
+    assert asyncio.run(_send_outcome(bootstrap, topic, category, next_one)) == (partition, offset + 1)
+
+    run.start()
+    want = expected_counts(events)
+    impressions = Counter(want.impressions) + Counter((row[3], row[4]) for row in rows)
+    run.wait_for(lambda: table_counts(run.table("ctr")) == (dict(impressions), want.clicks),
+                 what="the skipped outcome message to be counted")
+    assert sum(impressions.values()) == 1000 + len(rows)
+    assert f"reading {offset}-{offset} past the consumer" in run.log_text()

@@ -1,10 +1,12 @@
 """Which offset each input partition must deliver next, so that no record is skipped.
 
 Faust's consumer can hand a stream a partition's records with a hole and commit
-past it as if the missing records had been processed (its fetch loop drops a
-record whose offset is below the last one it delivered, e.g. records re-fetched
-after a seek while older ones were still being handed over; and it counts
-offsets it did not see as processed). Those records' counts are then lost.
+past it as if the missing records had been processed (observed: a restarted
+worker never received one outcome message and committed past it). Its code has
+the means: the fetch loop drops a record below the last offset it handed over
+(e.g. records re-fetched after a seek while older ones were still on their way),
+and offsets it never delivered count as done (``Consumer._add_gap``). Those
+records' counts are then lost.
 :class:`OffsetGuard` keeps the next offset of every partition a stage has
 processed (journaled with the stage's entries, so a restarted worker knows it
 too); a record above it reveals a hole, which the worker reads itself

@@ -35,12 +35,9 @@ from features.group import GroupFeatures
 from infra.settings import LearnerSettings
 from learner.data import ProductRecord
 from learner.dpo.onpolicy import (
-    ANCHOR_MODES,
-    anchored_groups_with_pairs,
     best_winner_pairs,
     mine_slate_pairs,
-    protection_pairs,
-    quiet_group_anchors,
+    protection_for,
     sample_slates,
     with_margin,
 )
@@ -117,14 +114,9 @@ def onpolicy_round(
     pairs = pairs + [p for p in arm.pending if p.pair_id not in seen]  # same live model: still on-policy
     arm.pending = list(pairs)
     quiet = sorted(set(targets) - {p.group_id for p in pairs})
-    anchors = []
-    if not arm.one_size and pairs and settings.dpo.preserve in ANCHOR_MODES:
-        anchors = quiet_group_anchors(arm.model, arm.targets, products,
-                                      anchored_groups_with_pairs(pairs, settings.dpo.preserve_scope),
-                                      settings.dpo.anchor_products, loop.onpolicy_candidates,
-                                      seed=seed * 1_000 + round_number, temperature=loop.onpolicy_temperature,
-                                      max_new_tokens=settings.generation.max_new_tokens)
-    mirrored = protection_pairs(pairs, targets, settings.dpo.preserve, settings.dpo.preserve_scope, arm.one_size)
+    held = protection_for(pairs, arm.model, arm.targets, products, settings, seed * 1_000 + round_number,
+                          arm.one_size)
+    anchors, mirrored = held.anchors, held.mirrored
     figures: dict[str, Any] = {
         "round": round_number, "slates": len(slates), "creatives": sum(len(s) for s in slates.values()),
         "pairs_mined": mined, "pairs_fresh": fresh, "pairs": len(pairs),

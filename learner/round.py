@@ -33,14 +33,13 @@ from infra.settings import LearnerSettings
 from learner.buffer import PairBuffer
 from learner.data import ProductRecord
 from learner.dpo.heldout import heldout_figures
-from learner.dpo.onpolicy import ANCHOR_MODES, Anchor, anchored_groups_with_pairs, protection_pairs, quiet_group_anchors
+from learner.dpo.onpolicy import protection_for
 from learner.dpo.train import fit_group_dpo
 from learner.gate import GateConfig, GateDecision, GroupFigures, decide
 from features.group import GroupFeatures
 from learner.history import RoundRecord, append_round
 from learner.model.artifact import verify_artifact
 from learner.model.gmllm import GMLLM
-from infra.contracts.messages import PreferencePair
 from learner.publish import publish_version
 
 
@@ -156,12 +155,12 @@ def run_round(
     if not train:
         return RoundOutcome(record("skipped: no training pairs", {}, incumbent_version, [], {}), None, None)
     candidate = incumbent.copy()
-    mirrored = protection_pairs(train, features, settings.dpo.preserve, settings.dpo.preserve_scope, one_size)
+    held = protection_for(train, incumbent, features, products, settings, number, one_size)
+    mirrored = held.mirrored
     weights = buffer.recency_weights(train).tolist() + [max(settings.dpo.preserve_weight, 1e-6)] * len(mirrored)
     fit = fit_group_dpo(
         candidate, incumbent, list(train) + mirrored, features, products, settings.dpo,
-        one_size=one_size, pair_weights=weights, on_log=on_log,
-        anchors=round_anchors(incumbent, train, features, products, settings, number, one_size),
+        one_size=one_size, pair_weights=weights, on_log=on_log, anchors=held.anchors,
     )
     training = {
         "mode": "one-size" if one_size else "group", "steps": fit.steps, "pairs": fit.pairs, "mirrored": len(mirrored),
@@ -187,19 +186,6 @@ def run_round(
         "overall": decision.overall_candidate,
     })
     return RoundOutcome(record("promoted", gate, version, fit.losses, training), decision, candidate)
-
-
-def round_anchors(incumbent: GMLLM, train: Sequence[PreferencePair], features: Mapping[str, GroupFeatures | str],
-                  products: Mapping[str, ProductRecord], settings: LearnerSettings, number: int,
-                  one_size: bool = False) -> list[Anchor]:
-    """The incumbent's own creatives for every group without a training pair, when ``dpo.preserve`` anchors
-    (:func:`learner.dpo.onpolicy.quiet_group_anchors`); none for the one-size baseline."""
-    dpo, loop = settings.dpo, settings.loop
-    if one_size or dpo.preserve not in ANCHOR_MODES:
-        return []
-    return quiet_group_anchors(incumbent, features, products, anchored_groups_with_pairs(train, dpo.preserve_scope), dpo.anchor_products,
-                               loop.onpolicy_candidates, seed=number, temperature=loop.onpolicy_temperature,
-                               max_new_tokens=settings.generation.max_new_tokens)
 
 
 def publish_candidate(gmllm: GMLLM, repository: Path, model_name: str, metadata: dict) -> int:

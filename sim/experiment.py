@@ -54,7 +54,7 @@ from infra.contracts.events import Click, Impression
 from infra.contracts.prompt import parse_prompt
 from infra.settings import QUICK_MODEL, LearnerSettings
 from learner.dpo.data import category_features
-from learner.dpo.onpolicy import mine_slate_pairs, protection_pairs, sample_slates
+from learner.dpo.onpolicy import mine_slate_pairs, protection_for, sample_slates
 from learner.dpo.train import fit_group_dpo
 from learner.gate import GroupFigures, decide
 from learner.model.gmllm import GMLLM
@@ -377,19 +377,20 @@ def _round(arm: _ArmState, boundary_ts: int, world: World, products: Mapping[str
         return
     evidence = max(arm.last_ts.get((p.group_id, p.product_id, t), 0)
                    for p in pairs for t in (p.winner_prompt, p.loser_prompt))
-    mirrored = protection_pairs(pairs, arm.targets, settings.dpo.preserve, settings.dpo.preserve_scope, arm.one_size)
+    held = protection_for(pairs, arm.model, arm.targets, products, settings, seed * 1_000 + number, arm.one_size)
+    mirrored = held.mirrored
     update = {"seed": settings.dpo.seed + seed}
     if arm.one_size:
         update["group_weighting"] = "uniform"
     candidate = arm.model.copy()
     weights = [1.0] * len(pairs) + [max(settings.dpo.preserve_weight, 1e-6)] * len(mirrored)
     fit = fit_group_dpo(candidate, arm.model, pairs + mirrored, arm.targets, products,
-                        settings.dpo.model_copy(update=update), pair_weights=weights)
+                        settings.dpo.model_copy(update=update), pair_weights=weights, anchors=held.anchors)
     if arm.gate_figures is None:
         arm.gate_figures = judged(gate_judge, arm.model)
     new_figures = judged(gate_judge, candidate)
     decision = decide(new_figures, arm.gate_figures, gate_config(settings))
-    figures.update(mirrored=len(mirrored), steps=fit.steps, promoted=decision.promote, reason=decision.reason,
+    figures.update(mirrored=len(mirrored), anchors=fit.anchors, steps=fit.steps, promoted=decision.promote, reason=decision.reason,
                    gate_mean=(round(decision.overall_incumbent, 5), round(decision.overall_candidate, 5)),
                    evidence_ts=evidence, evidence_at_s=(evidence - DEFAULT_START_TS_MS) / 1000)
     if decision.promote:

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from features.group import GroupFeatures
+from infra.settings import LearnerSettings
 from infra.contracts.messages import PreferencePair
 from learner.data import ProductRecord
 from learner.dpo.data import creative_id
@@ -230,3 +231,28 @@ def quiet_group_anchors(
                                              max_new_tokens=max_new_tokens)
             anchors.extend(Anchor(group, product.id, g.prompt.to_text()) for g in generations if g.prompt is not None)
     return anchors
+
+
+@dataclass(frozen=True)
+class Protection:
+    """What a fit adds to hold groups where the incumbent has them (``learner.dpo.preserve``)."""
+
+    mirrored: list[PreferencePair]
+    anchors: list[Anchor]
+
+
+def protection_for(pairs: Sequence[PreferencePair], incumbent: GMLLM, targets: Mapping[str, GroupFeatures | str],
+                   products: Mapping[str, ProductRecord], settings: LearnerSettings, seed: int,
+                   one_size: bool = False) -> Protection:
+    """The mirrored pairs (:func:`protection_pairs`) and anchors (:func:`quiet_group_anchors`) of a fit on
+    ``pairs`` from ``incumbent``: one rule for production rounds, the benchmark and the online experiment."""
+    dpo, loop = settings.dpo, settings.loop
+    mirrored = protection_pairs(pairs, targets, dpo.preserve, dpo.preserve_scope, one_size)
+    if one_size or not pairs or dpo.preserve not in ANCHOR_MODES:
+        return Protection(mirrored, [])
+    anchors = quiet_group_anchors(incumbent, targets, products, anchored_groups_with_pairs(pairs, dpo.preserve_scope),
+                                  dpo.anchor_products, loop.onpolicy_candidates, seed=seed,
+                                  temperature=loop.onpolicy_temperature,
+                                  max_new_tokens=settings.generation.max_new_tokens)
+    return Protection(mirrored, anchors)
+

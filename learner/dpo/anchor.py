@@ -53,8 +53,9 @@ def anchor_batch(gmllm: GMLLM, anchors: Sequence[Any], features: Mapping[str, Gr
 
 def anchor_kl(policy: Any, reference: Any, batch: AnchorBatch) -> torch.Tensor:
     """Mean over the anchors' completion tokens of ``KL(π_ref ‖ π_θ)`` of the next-token distributions."""
-    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
-              "pixel_values": batch.pixel_values, "use_cache": False}
+    device = next(policy.parameters()).device
+    inputs = {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device),
+              "pixel_values": batch.pixel_values.to(device), "use_cache": False}
     with torch.no_grad():
         ref_logps = torch.log_softmax(reference(**inputs).logits[:, :-1].float(), dim=-1)
     logps = torch.log_softmax(policy(**inputs).logits[:, :-1].float(), dim=-1)

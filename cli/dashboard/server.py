@@ -65,9 +65,12 @@ class Refresher:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """Ask the thread to stop and wait up to ``timeout_s``; True when it has stopped (a refresh can take
+        long on a loaded machine: Ctrl-C must not wait for it, the daemon thread ends with the process)."""
         self._stop.set()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout_s)
+        return not self._thread.is_alive()
 
 
 def port_free(host: str, port: int) -> bool:
@@ -103,6 +106,6 @@ def run_dashboard(
     except KeyboardInterrupt:
         pass
     finally:
-        refresher.stop()
-        collector.close()
+        if refresher.stop():
+            collector.close()  # else a refresh still uses the followers; exiting closes their sockets
     return 0

@@ -6,6 +6,7 @@ The same server answers ``/metrics`` (:mod:`cli.dashboard.metrics`) for Promethe
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -73,6 +74,17 @@ class Refresher:
         return not self._thread.is_alive()
 
 
+def stop_on_signals() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM stop the server, also when the parent started it with SIGINT ignored (a
+    background job of a script: Python then installs no handler of its own) or stops it as a service does."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, interrupt)
+
+
 def port_free(host: str, port: int) -> bool:
     """True when ``host:port`` can be bound now."""
     with socket.socket() as sock:
@@ -101,6 +113,7 @@ def run_dashboard(
     app.server.wsgi_app = require_bearer(app.server.wsgi_app, http_token(settings.security))
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     typer.echo(f"dashboard at http://{host}:{port}/ (read-only; refresh every {refresh_s:g} s; Ctrl-C stops)")
+    stop_on_signals()
     try:
         app.run(host=host, port=port, debug=False)
     except KeyboardInterrupt:

@@ -13,8 +13,8 @@ One round (iterative / online DPO, as CAIG ran several rounds):
    :func:`with_margin` keeps the pairs whose winner's observed CTR beats the
    loser's by a relative margin (evidence *and* size);
 4. :func:`quiet_group_anchors` — every group that got no pair, in any category,
-   contributes the live model's own samples as *anchors* (``chosen ==
-   rejected``: no DPO gradient, only the SFT term on them), so the fit keeps
+   contributes the live model's own samples as *anchors*, held by a KL term
+   to the incumbent (or SFT rows with ``chosen == rejected``), so the fit keeps
    that group's generations near the incumbent's instead of letting other
    groups' pairs move them through the attribute tokens all categories share;
 5. :func:`learner.dpo.train.fit_group_dpo` fits from the live model, which is
@@ -73,13 +73,14 @@ def sample_slates(
     temperature: float = 1.0,
     seed: int = 0,
     max_new_tokens: int = 64,
+    distinct: bool = True,
 ) -> dict[SlateKey, list[str]]:
     """``k`` sampled creatives (distinct canonical prompt texts, in sampling order) per (group, product).
 
     ``targets`` maps a group id to what the model reads for it (its features
     or a prefix); ``products`` maps the group id to the products it is shown.
     Sampling is seeded per (round seed, group, product index), so the same
-    model and seed give the same slates.
+    model and seed give the same slates. ``distinct=False`` keeps duplicates.
     """
     slates: dict[SlateKey, list[str]] = {}
     for g_index, group in enumerate(sorted(targets)):
@@ -90,7 +91,7 @@ def sample_slates(
             for generation in generations:
                 if generation.prompt is not None:
                     text = generation.prompt.to_text()
-                    if text not in texts:
+                    if not distinct or text not in texts:
                         texts.append(text)
             if texts:
                 slates[(group, product.id)] = texts
@@ -223,14 +224,11 @@ def quiet_group_anchors(
     by_category: dict[str, list[ProductRecord]] = {}
     for record in sorted(products.values(), key=lambda r: r.id):
         by_category.setdefault(record.category, []).append(record)
-    anchors: list[Anchor] = []
-    for g_index, group in enumerate(sorted(set(targets) - covered)):
-        for p_index, product in enumerate(by_category.get(group.split("/", 1)[0], [])[:products_per_group]):
-            generations = incumbent.generate(targets[group], product, n=k, seed=seed * 100_003 + g_index * 1_009
-                                             + p_index, temperature=temperature, constrained=True,
-                                             max_new_tokens=max_new_tokens)
-            anchors.extend(Anchor(group, product.id, g.prompt.to_text()) for g in generations if g.prompt is not None)
-    return anchors
+    quiet = {g: f for g, f in targets.items() if g not in covered}
+    shown = {g: by_category.get(g.split("/", 1)[0], [])[:products_per_group] for g in quiet}
+    slates = sample_slates(incumbent, quiet, shown, k, temperature=temperature, seed=seed,
+                           max_new_tokens=max_new_tokens, distinct=False)
+    return [Anchor(group, product, text) for (group, product), texts in sorted(slates.items()) for text in texts]
 
 
 @dataclass(frozen=True)

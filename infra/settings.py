@@ -243,6 +243,12 @@ class DPOSettings(BaseModel):
     max_steps: int = Field(
         400, ge=1, description="At most this many optimizer steps per round (caps rounds on a large buffer)."
     )
+    min_steps: int = Field(
+        60, ge=1, description="At least this many optimizer steps per round, however few its pairs (max_steps still "
+        "caps it): the KL that holds groups without pairs pulls only once they have drifted, so a fit of a few "
+        "steps moves them unchecked (measured on world A, 10 lipstick pairs: 3 steps cost drill/g1 12 % of its "
+        "CTR, 60 steps held every drill group within 1 %; docs/learner.md)."
+    )
     batch_size: int = Field(8, ge=1, le=1024, description="Pairs per optimizer step.")
     group_weighting: Literal["inverse_share", "uniform"] = Field(
         "inverse_share", description="inverse_share: every group gets the same weight; uniform: pairs alike."

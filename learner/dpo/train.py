@@ -96,8 +96,9 @@ def dpo_config(settings: DPOSettings, output_dir: str | Path, steps: int, one_si
 
 
 def fit_steps(pairs: int, settings: DPOSettings) -> int:
-    """Optimizer steps of a fit: ``epochs`` passes over ``pairs``, at most ``max_steps``, at least 1."""
-    return max(1, min(settings.max_steps, math.ceil(settings.epochs * pairs / settings.batch_size)))
+    """Optimizer steps of a fit: ``epochs`` passes over ``pairs``, at least ``min_steps``, at most ``max_steps``."""
+    passes = math.ceil(settings.epochs * pairs / settings.batch_size)
+    return max(1, min(settings.max_steps, max(settings.min_steps, passes)))
 
 
 def fit_group_dpo(

@@ -62,10 +62,17 @@ def test_pairs_of_unknown_groups_or_products_are_skipped_and_counted(pairs, feat
 
 
 def test_fit_steps_follow_epochs_and_cap() -> None:
-    settings = DPOSettings(epochs=2, batch_size=8, max_steps=50)
+    settings = DPOSettings(epochs=2, batch_size=8, max_steps=50, min_steps=1)
     assert fit_steps(40, settings) == 10
     assert fit_steps(1000, settings) == 50
     assert fit_steps(1, settings) == 1
+
+
+def test_fit_steps_have_a_floor_below_the_cap() -> None:
+    settings = DPOSettings(epochs=2, batch_size=8, max_steps=50, min_steps=20)
+    assert fit_steps(4, settings) == 20  # a handful of pairs still gets the KL anchors' steps
+    assert fit_steps(400, settings) == 50
+    assert fit_steps(4, settings.model_copy(update={"max_steps": 12})) == 12  # max_steps caps the floor too
 
 
 def _taste_gap(gmllm: GMLLM, features, log, group: str) -> float:  # noqa: ANN001

@@ -45,6 +45,8 @@ QUICK_CHECKPOINTS = (5_000, 20_000)
 """The same, for ``--quick``."""
 SEED = int(os.environ.get("OSMF_BENCH_SEED", "0"))
 """The stream's seed (``generate_events``) and KMeans'; ``OSMF_BENCH_SEED=3 osmf bench grouping`` scores another stream."""
+SWEEP_CHECKPOINTS = (10_000, 20_000, 50_000, 100_000, 200_000)
+"""Checkpoints of :func:`sweep` (``python -m bench.grouping``), the grouper alone over several seeds."""
 
 __all__ = ["contingency", "nmi", "ari", "taste_labels", "attribute_ceiling", "run"]
 
@@ -207,16 +209,20 @@ def _ratios(categories: Sequence[dict[str, Any]], checkpoints: Sequence[int]) ->
     return out
 
 
-def _bench_world(world: Any, checkpoints: Sequence[int], baseline_until: int) -> dict[str, Any]:
+Op = tuple[bool, str, dict[str, Any], str, "tuple[str, ...] | None"]
+"""One call to the grouper: is it a click, category, user, creative, the creative's visual attributes."""
+
+
+def _ops(world: Any, seed: int, n_impressions: int) -> list[Op]:
+    """The simulated stream as grouper calls: every impression, and each click right after its impression."""
     from infra.contracts.events import Impression
     from infra.contracts.prompt import PromptError, parse_prompt
     from sim.simulate import generate_events
-    from streams.grouping import ProductAwareGrouper
 
-    ops: list[tuple[bool, str, dict[str, Any], str, tuple[str, ...] | None]] = []
+    ops: list[Op] = []
     tokens: dict[str | None, tuple[str, ...] | None] = {None: None}
     last: Impression | None = None
-    for event in generate_events(world, seed=SEED, n_impressions=max(checkpoints)):
+    for event in generate_events(world, seed=seed, n_impressions=n_impressions):
         if isinstance(event, Impression):
             last = event
             if event.prompt not in tokens:
@@ -227,7 +233,14 @@ def _bench_world(world: Any, checkpoints: Sequence[int], baseline_until: int) ->
             ops.append((False, event.category, event.user, event.creative_id, tokens[event.prompt]))
         elif last is not None:  # a click follows its impression in the simulated stream
             ops.append((True, last.category, last.user, last.creative_id, None))
+    return ops
 
+
+def _bench_world(world: Any, checkpoints: Sequence[int], baseline_until: int | None, seed: int = SEED) -> dict[str, Any]:
+    """Feed one stream to the grouper, score it at ``checkpoints``; the baselines up to ``baseline_until``."""
+    from streams.grouping import ProductAwareGrouper
+
+    ops = _ops(world, seed, max(checkpoints))
     population = [dict(user.attributes) for user in world.users]
     truth = {c: taste_labels(world, c) for c in world.categories}
     categories: dict[str, dict[str, Any]] = {}
@@ -271,9 +284,11 @@ def _bench_world(world: Any, checkpoints: Sequence[int], baseline_until: int) ->
         categories[category]["ids_minted"] = grouper.ids_minted(category)
     events = start
 
+    impressions_per_s = impressions / elapsed
+    if baseline_until is None:
+        return {"events": events, "events_per_s": round(events / elapsed), "categories": categories}
     kmeans = _baseline("kmeans", world, ops, population, truth, categories, baseline_until)
     dbstream = _baseline("dbstream", world, ops, population, truth, categories, baseline_until)
-    impressions_per_s = impressions / elapsed
     result = {
         "events": events,
         "impressions": impressions,
@@ -325,3 +340,39 @@ def _baseline(
         categories[category][f"{kind}_groups@{until}"] = len(set(predicted))
         categories[category][f"{kind}_ari@{until}"] = _r(ari(truth[category], predicted))
     return impressions / elapsed
+
+
+def sweep(paths: Sequence[Path], seeds: Sequence[int], checkpoints: Sequence[int] = SWEEP_CHECKPOINTS) -> list[str]:
+    """Across streams: per category, how many seeds reach 0.8 of the ceiling (0.9 from 200k) and each seed's
+    ``nmi / ceiling``, at each checkpoint; the grouper alone (no baselines). Returns the table's lines."""
+    from sim.world import World
+
+    lines = ["| world / category | " + " | ".join(f"@{n // 1000}k" for n in checkpoints) + " |"]
+    lines.append("| --- " * (len(checkpoints) + 1) + "|")
+    speeds: list[int] = []
+    for path in paths:
+        world = World.load(path)
+        runs = [_bench_world(world, checkpoints, None, seed) for seed in seeds]
+        speeds += [run["events_per_s"] for run in runs]
+        for category in world.categories:
+            cells = []
+            for n in checkpoints:
+                ratios = [run["categories"][category][f"nmi_over_ceiling@{n}"] for run in runs]
+                goal = 0.9 if n >= 200_000 else 0.8
+                reached = sum(r is not None and r >= goal for r in ratios)
+                cells.append(f"{reached}/{len(ratios)} ({' '.join(f'{r:.2f}' if r is not None else '-' for r in ratios)})")
+            lines.append(f"| {world.name} {category} | " + " | ".join(cells) + " |")
+    lines.append(f"events/s: {min(speeds)}-{max(speeds)}")
+    return lines
+
+
+if __name__ == "__main__":  # python -m bench.grouping --seeds 0,1,2,3,4 sim/examples/world_a.yaml ...
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Grouping across random streams (seeds), per category.")
+    parser.add_argument("worlds", nargs="+", type=Path)
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated stream seeds")
+    parser.add_argument("--until", type=int, default=max(SWEEP_CHECKPOINTS), help="last checkpoint (impressions)")
+    arguments = parser.parse_args()
+    chosen = [n for n in SWEEP_CHECKPOINTS if n <= arguments.until]
+    print("\n".join(sweep(arguments.worlds, [int(s) for s in arguments.seeds.split(",")], chosen)))

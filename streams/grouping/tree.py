@@ -12,7 +12,7 @@ from scipy import sparse
 from streams.grouping.category import _Category, _Tree
 from streams.grouping.config import GroupingConfig
 from streams.grouping.evidence import Evidence, build_evidence
-from streams.grouping.statistics import _log_p_level, _log_p_pairs, _log_p_same, _log_stirling2
+from streams.grouping.statistics import _log_p_level, _log_p_pairs, _log_p_same, _log_p_taste_and_split, _log_stirling2
 
 _PAIR_CLICKS = 8  # a node tries pairs of attributes from this many times min_group_clicks clicks
 _PAIRS_SEARCHED = 2  # pairs of attributes searched in full at a node, the best by a screening test
@@ -86,7 +86,7 @@ def _grow(state: _Category, config: GroupingConfig) -> _Tree:
         summed = (one_hot @ sub).toarray()
         value_i, value_c = summed[:, 0::2], summed[:, 1::2]
         start = _fold(value_i, config.max_values)
-        work += test_work * (3 + taste) * len(start)  # about 2m pair-vector tests and m partition tests
+        work += test_work * 3 * len(start)  # about 2m pair-vector tests and m partition tests (taste and level at once)
         best: Split | None = None
         best_taste = 0.0
         for parts, _ in _merge_path(value_c, value_i, start, config.min_group_clicks, evidence):
@@ -96,8 +96,10 @@ def _grow(state: _Category, config: GroupingConfig) -> _Tree:
             part_i = np.stack([value_i[p].sum(axis=0) for p in parts])
             searched = _log_stirling2(len(start), len(parts)) + log_searched
             if taste:
-                best_taste = min(best_taste, _log_p_same(part_c, part_i, evidence) + searched)
-            log_p = _log_p_same(part_c, part_i, evidence, level=True) + searched
+                taste_p, log_p = (p + searched for p in _log_p_taste_and_split(part_c, part_i, evidence))
+                best_taste = min(best_taste, taste_p)
+            else:
+                log_p = _log_p_same(part_c, part_i, evidence, level=True) + searched
             if best is None or log_p < best[0]:
                 best = (log_p, name, [[int(values[v]) for v in p] for p in parts])
         return (best, best_taste) if best is not None else None

@@ -161,7 +161,10 @@ def test_without_interactions_the_diagonal_stays_one_group() -> None:
 
 
 def test_attribute_evidence_groups_sooner() -> None:
-    """Same stream, same seed: with the creatives' attributes the taste split comes in fewer impressions."""
+    """Same stream, same seed: with the creatives' attributes the taste split comes in fewer impressions.
+
+    Checked every 250 impressions: in chunks of 1,000 the difference (27 against 28 chunks) vanished once
+    macro steps got cheaper. Measured: 19,250 impressions with attributes, 33,000 without."""
     users = _users(age=["young", "old"], tier=["1", "2", "3"])
     taste: Taste = lambda user, tokens: _likes(  # noqa: E731
         tokens, "primary=pink" if user["age"] == "young" else "primary=green", gain=1.5
@@ -170,8 +173,8 @@ def test_attribute_evidence_groups_sooner() -> None:
     for kind in ("creatives", "both"):
         grouper = ProductAwareGrouper(GroupingConfig(first_recluster=1000, recluster_every=1000, halflife=None, evidence=kind))
         found_at[kind] = None
-        for step in range(40):
-            _feed(grouper, "mugs", users, taste, 1000, seed=100 + step)
+        for step in range(160):
+            _feed(grouper, "mugs", users, taste, 250, seed=100 + step)
             if len(grouper.groups("mugs")) == 2:
                 found_at[kind] = step + 1
                 break

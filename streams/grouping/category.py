@@ -14,6 +14,22 @@ from streams.grouping.config import GroupInfo, GroupingConfig
 
 _SHIFT = 32  # pending counts pack (row << _SHIFT) | column
 _MASK = (1 << _SHIFT) - 1
+_LOOK_MIN = 1000  # events between looks at the watched candidates, at least ...
+_LOOK_SHARE = 10  # ... and at least this share (1/10) of the category's events so far
+_DEBT_STEPS = 1.5  # a look may bring a macro step forward while the unpaid work is under 1.5 steps' work
+
+
+@dataclass(frozen=True, eq=False)
+class _Watch:
+    """A candidate split that a macro step found not significant yet, re-tested by the looks between steps."""
+
+    rows: np.ndarray | None  # the rows it splits (a leaf's rows); None: every row, new ones included
+    name: Any  # the attribute, or pair of attributes
+    parts: tuple[tuple[Any, ...], ...]  # the tokens (pairs of tokens) of each part
+    log_correction: float  # the search's Bonferroni terms, added to the test's log p-value
+    level: bool  # the level test joins the family (a split in the tree), or not (the taste gate)
+    log_threshold: float  # a macro step runs as soon as the corrected log p-value reaches this
+    row_parts: tuple[np.ndarray, ...] = ()  # or the parts as rows (the leaves of a level tree; name unused)
 
 
 @dataclass
@@ -26,6 +42,7 @@ class _Tree:
     work: float
     taste_log_p: float = 0.0  # the root's best adjusted taste log p-value (diagnostics)
     split_log_p: float = 0.0  # the root's best adjusted split log p-value (diagnostics)
+    watches: tuple[_Watch, ...] = ()  # the candidates closest to significance, for the looks
 
 
 class _Category:
@@ -37,7 +54,13 @@ class _Category:
         self.events = 0
         self.last_decay_at = 0
         self.gap = min(config.first_recluster, config.recluster_every)
-        self.next_recluster = self.gap
+        self.next_recluster = self.gap  # the next step of either kind: the hot path compares this only
+        self.next_full = self.gap  # the next macro step
+        self.debt = 0.0  # macro work not yet paid for by events at recluster_budget each
+        self.debt_at = 0
+        self.last_work = 0.0  # work of the last macro step
+        self.watches: tuple[_Watch, ...] = ()
+        self.evidence_cache: tuple[Any, Any] | None = None  # (creatives' attributes, Evidence): rebuilt on change
         # micro-clusters: one row per encoded attribute tuple
         self.tuple_row: dict[tuple[tuple[str, str], ...], int] = {}
         self.tokens: list[dict[str, str]] = []
@@ -66,10 +89,15 @@ class _Category:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["row_of"] = {}
+        state["evidence_cache"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("creative_tokens", [None] * len(state["creatives"]))  # pickles of before attributes
+        before_looks = {"next_full": state["next_recluster"], "debt": 0.0, "debt_at": state["events"], "last_work": 0.0}
+        for name, value in {**before_looks, "watches": ()}.items():
+            state.setdefault(name, value)  # pickles of before the looks
+        state["evidence_cache"] = None
         self.__dict__.update(state)
 
     def row_of_tuple(self, encoded: tuple[tuple[str, str], ...]) -> int | None:
@@ -131,10 +159,30 @@ class _Category:
         )
         self.table = self.table + counts
 
-    def schedule_next(self, work: float) -> None:
-        """The gap doubles from ``first_recluster`` to ``recluster_every``, stretched to fit the budget."""
+    def schedule_next(self, work: float, watches: tuple[_Watch, ...] = ()) -> None:
+        """After a macro step: the gap doubles from ``first_recluster`` to ``recluster_every``, stretched until
+        the events have paid for the work (``recluster_budget`` each); looks at ``watches`` come in between."""
         self.gap = min(2 * self.gap, self.config.recluster_every)
-        self.next_recluster = self.events + max(self.gap, math.ceil(work / self.config.recluster_budget))
+        self._pay(work)
+        self.last_work = work
+        self.watches = watches
+        self.next_full = self.events + max(self.gap, math.ceil(self.debt / self.config.recluster_budget))
+        self._schedule_look()
+
+    def looked(self, work: float) -> bool:
+        """After a look that cost ``work``: may a macro step run now (the unpaid work is small enough)?"""
+        self._pay(work)
+        self.next_full = max(self.next_full, self.events + math.ceil(self.debt / self.config.recluster_budget))
+        self._schedule_look()
+        return self.debt <= _DEBT_STEPS * self.last_work
+
+    def _pay(self, work: float) -> None:
+        self.debt = max(0.0, self.debt - self.config.recluster_budget * (self.events - self.debt_at)) + work
+        self.debt_at = self.events
+
+    def _schedule_look(self) -> None:
+        look = self.events + max(_LOOK_MIN, self.events // _LOOK_SHARE)
+        self.next_recluster = min(self.next_full, look) if self.watches else self.next_full
 
     def decay(self) -> None:
         """Age the counts by ``halflife``; drop creatives whose impressions faded below one."""

@@ -31,7 +31,9 @@ class GroupingConfig:
         category with a large (tuple × creative) table, many-valued attributes
         or costly searches reclusters less often than ``recluster_every`` so
         that learning stays fast; on the example worlds the gap grows to
-        10-25k events of a category, which delays groups.
+        10-25k events of a category. Between steps, cheap *looks* re-test
+        the candidates closest to significance and run the step early when
+        one passes; their work is counted against the same budget.
     split_alpha
         p-value a split must beat (default 1e-4), after a Bonferroni
         adjustment over the attributes tried and the ways to partition the

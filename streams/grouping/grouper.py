@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 
 from streams.grouping.category import _SHIFT, _Category
 from streams.grouping.config import GroupInfo, GroupingConfig, encode_value
-from streams.grouping.tree import _grow
+from streams.grouping.tree import _grow, _look
 
 
 class ProductAwareGrouper(base.Clusterer):
@@ -155,7 +155,7 @@ class ProductAwareGrouper(base.Clusterer):
             state.pending.append(row << _SHIFT | col)
         state.events += 1
         if state.events >= state.next_recluster:
-            self._recluster(state)
+            self._step(state)
         return state.gid_of_row[row]
 
     def groups(self, category: str) -> list[GroupInfo]:
@@ -225,11 +225,20 @@ class ProductAwareGrouper(base.Clusterer):
             state.row_of[tuple(user.items())] = row
         return row
 
+    def _step(self, state: _Category) -> None:
+        """The macro step when due; between steps, a look at the watched candidates that may bring it forward."""
+        if state.events < state.next_full:
+            state.flush()
+            passed, work = _look(state, self.config)
+            if not (state.looked(work) and passed):
+                return
+        self._recluster(state)
+
     def _recluster(self, state: _Category) -> None:
         state.flush()
         state.decay()
         tree = _grow(state, self.config)
-        state.schedule_next(tree.work)
+        state.schedule_next(tree.work, tree.watches)
         old_group = np.asarray(state.group_of_row, dtype=np.int64)
         old_ids = state.group_ids
         weights = state.weights[: state.n_rows]

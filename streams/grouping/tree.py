@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from streams.grouping.category import _Category, _Tree
+from streams.grouping.category import _Category, _Tree, _Watch
 from streams.grouping.config import GroupingConfig
 from streams.grouping.evidence import Evidence, build_evidence
 from streams.grouping.statistics import _log_p_level, _log_p_pairs, _log_p_same, _log_p_taste_and_split, _log_stirling2
@@ -19,10 +19,13 @@ _PAIRS_SEARCHED = 2  # pairs of attributes searched in full at a node, the best 
 _LOG_ROUTES = math.log(2.0)  # the taste gate has two routes: the search, and the leaves of the level tree
 _TEST_WORK = 12_000  # a statistical test costs about as much as visiting this many table cells (measured)
 _LEVEL_WORK = 3_000  # a level test alone (margins only) costs a quarter of that
+_WATCHES = 2  # candidates the looks between macro steps re-test, those closest to significance
+_LOOK_WORK = 120_000  # a look's fixed cost beside its tests (measured: 4-6.5 ms a look, 16-26 ns a unit of a step)
 
 
-Split = tuple[float, Any, list[list[int]]]
-"""A candidate split: adjusted log p-value, attribute name (a pair of names for an interaction), parts of codes."""
+Split = tuple[float, Any, list[list[int]], float]
+"""A candidate split: adjusted log p-value, attribute name (a pair of names for an interaction), parts of codes,
+and the log Bonferroni term that the adjusted p-value includes."""
 
 
 def _grow(state: _Category, config: GroupingConfig) -> _Tree:
@@ -46,7 +49,7 @@ def _grow(state: _Category, config: GroupingConfig) -> _Tree:
     log_singles = math.log(max(1, len(names)))  # Bonferroni over the attributes tried
     pairs = list(itertools.combinations(names, 2)) if config.interactions else []
     log_pairs = math.log(max(1, len(pairs))) + math.log(2.0)  # all pairs; the pair stage is a second look
-    evidence = build_evidence(state.creative_tokens, config.evidence)
+    evidence = _evidence(state, config)
     test_work = _TEST_WORK * (1.0 + 0.2 * len(evidence.names))  # attribute tests cost more than a test per creative
     log_alpha, log_taste = math.log(config.split_alpha), math.log(config.taste_alpha)
     nodes: list[tuple[Any, ...]] = [("leaf", 0)]
@@ -60,6 +63,10 @@ def _grow(state: _Category, config: GroupingConfig) -> _Tree:
             codes[pair] = codes[a] * size + codes[b]
             tokens_of[pair] = {ca * size + cb: (ta, tb) for ta, ca in state.vocab[a].items() for tb, cb in state.vocab[b].items()}
         return codes[pair]
+
+    def spell(name: Any, parts: list[list[int]]) -> tuple[tuple[Any, ...], ...]:
+        """The parts of a candidate as tokens (pairs of tokens): codes of pairs change as vocabularies grow."""
+        return tuple(tuple(tokens_of[name][code] for code in part) for part in parts)
 
     def screen(rows: np.ndarray, sub: sparse.csr_array, pair: tuple[str, str], level: bool = True) -> float:
         """Log p-value of "all cells of ``pair`` alike": which pairs are worth a full search."""
@@ -76,8 +83,9 @@ def _grow(state: _Category, config: GroupingConfig) -> _Tree:
         part_i = np.stack([value_i[p].sum(axis=0) for p in parts])
         return _log_p_same(part_c, part_i, evidence, level=level)
 
-    def try_split(rows: np.ndarray, sub: sparse.csr_array, name: Any, log_searched: float, taste: bool) -> tuple[Split, float] | None:
-        """The most significant split of ``rows`` (whose table is ``sub``) on ``name``, and the best taste-only p."""
+    def try_split(rows: np.ndarray, sub: sparse.csr_array, name: Any, log_searched: float, taste: bool) -> tuple[Split, Split | None] | None:
+        """The most significant split of ``rows`` (whose table is ``sub``) on ``name``, and (``taste``) the
+        candidate with the best taste-only p (its first item the taste-only adjusted log p)."""
         nonlocal work
         values, inverse = np.unique(codes[name][rows], return_inverse=True)
         if len(values) < 2:
@@ -88,24 +96,27 @@ def _grow(state: _Category, config: GroupingConfig) -> _Tree:
         start = _fold(value_i, config.max_values)
         work += test_work * 3 * len(start)  # about 2m pair-vector tests and m partition tests (taste and level at once)
         best: Split | None = None
-        best_taste = 0.0
+        best_taste: Split | None = None
         for parts, _ in _merge_path(value_c, value_i, start, config.min_group_clicks, evidence):
             if not 2 <= len(parts) <= config.max_groups:
                 continue
             part_c = np.stack([value_c[p].sum(axis=0) for p in parts])
             part_i = np.stack([value_i[p].sum(axis=0) for p in parts])
             searched = _log_stirling2(len(start), len(parts)) + log_searched
+            coded = [[int(values[v]) for v in p] for p in parts]
             if taste:
                 taste_p, log_p = (p + searched for p in _log_p_taste_and_split(part_c, part_i, evidence))
-                best_taste = min(best_taste, taste_p)
+                if best_taste is None or taste_p < best_taste[0]:
+                    best_taste = (taste_p, name, coded, searched)
             else:
                 log_p = _log_p_same(part_c, part_i, evidence, level=True) + searched
             if best is None or log_p < best[0]:
-                best = (log_p, name, [[int(values[v]) for v in p] for p in parts])
+                best = (log_p, name, coded, searched)
         return (best, best_taste) if best is not None else None
 
     def best_split(rows: np.ndarray, taste: bool = False) -> tuple[Split | None, float]:
-        """The node's best split if significant, and (with ``taste``) the best taste-only p of the candidates.
+        """The node's most significant candidate (significant or not), and with ``taste`` the best taste-only
+        adjusted log p of the candidates (each candidate also goes to ``gate_watches``, for the looks).
 
         With ``taste`` (the root's gate), pairs of attributes are also searched
         for a taste difference when no single attribute shows one, even where
@@ -120,7 +131,8 @@ def _grow(state: _Category, config: GroupingConfig) -> _Tree:
         work += sub.nnz * max(1, len(names))
         found = [f for name in names if (f := try_split(rows, sub, name, log_singles, taste)) is not None]
         best = min((f[0] for f in found), key=lambda split: split[0], default=None)
-        best_taste = min((f[1] for f in found), default=0.0)
+        tastes = [f[1] for f in found if f[1] is not None]
+        best_taste = min((t[0] for t in tastes), default=0.0)
         no_single = best is None or best[0] > log_alpha
         no_taste = taste and best_taste > log_taste - _LOG_ROUTES
         if no_taste and not no_single:  # the cheaper route first: the leaves of the level tree
@@ -131,9 +143,12 @@ def _grow(state: _Category, config: GroupingConfig) -> _Tree:
             screened = sorted(pairs, key=lambda pair: screen(rows, sub, pair, level=no_single))[:_PAIRS_SEARCHED]
             found = [f for pair in screened if (f := try_split(rows, sub, pair, log_pairs, taste)) is not None]
             if no_single:
-                best = min((f[0] for f in found), key=lambda split: split[0], default=None)
-            best_taste = min([best_taste] + [f[1] for f in found])
-        return (best if best is not None and best[0] <= log_alpha else None), best_taste
+                best = min([f[0] for f in found] + ([best] if best is not None else []), key=lambda split: split[0], default=None)
+            tastes += [f[1] for f in found if f[1] is not None]
+            best_taste = min([best_taste] + [f[1][0] for f in found if f[1] is not None])
+        for log_p, name, parts, searched in tastes:
+            gate_watches.append((log_p, _Watch(None, name, spell(name, parts), searched + _LOG_ROUTES, False, log_taste)))
+        return best, best_taste
 
     def level_tree_taste() -> float:
         """Adjusted log p of "one taste" across the leaves of a tree grown on *level* evidence alone.
@@ -185,24 +200,35 @@ def _grow(state: _Category, config: GroupingConfig) -> _Tree:
             return 0.0
         families = [leaves_rows] + (splits if len(splits) > 1 else [])
         best = 0.0
-        for family in families:
+        for k, family in enumerate(families):
             totals = [_totals(table, rows) for rows in family]
             part_i, part_c = np.stack([t[0] for t in totals]), np.stack([t[1] for t in totals])
             work += test_work
-            best = min(best, _log_p_same(part_c, part_i, evidence))
+            log_p = _log_p_same(part_c, part_i, evidence)
+            best = min(best, log_p)
+            if k == 0:  # the leaves, watched as rows: a fixed member of the route's family
+                correction = math.log(len(families)) + _LOG_ROUTES
+                gate_watches.append((log_p + correction - _LOG_ROUTES, _Watch(None, None, (), correction, False, log_taste, tuple(family))))
         return min(0.0, best + math.log(len(families)))
 
     gate = config.taste_alpha < 1.0
+    gate_watches: list[tuple[float, _Watch]] = []  # the gate's candidates: (adjusted log p less the routes' term, watch)
     root, root_taste = best_split(node_rows[0], taste=gate)
     root_taste = root_taste + _LOG_ROUTES if gate else -math.inf
-    frontier = {0: root if root_taste <= log_taste else None}  # no taste difference anywhere: one group
+    significant = root is not None and root[0] <= log_alpha
+    frontier = {0: root if significant and root_taste <= log_taste else None}  # no taste difference anywhere: one group
+    watches: list[tuple[float, _Watch]] = []  # (how far from significance, the candidate)
+    if root_taste > log_taste:
+        watches += [(log_p + _LOG_ROUTES - log_taste, watch) for log_p, watch in gate_watches]
+    elif root is not None and not significant:
+        watches.append((root[0] - log_alpha, _Watch(None, root[1], spell(root[1], root[2]), root[3], True, log_alpha)))
     leaves = 1
     while True:  # most significant split first, up to twice max_groups leaves
         ready = [(split[0], index) for index, split in frontier.items() if split is not None]
         if not ready:
             break
         _, index = min(ready)
-        _, name, parts = frontier.pop(index)  # type: ignore[misc]
+        _, name, parts, _ = frontier.pop(index)  # type: ignore[misc]
         if leaves + len(parts) - 1 > 2 * config.max_groups:
             continue
         rows = node_rows.pop(index)
@@ -217,7 +243,11 @@ def _grow(state: _Category, config: GroupingConfig) -> _Tree:
                 branches[tokens_of[name][code]] = child
             if float(weights[child_rows].sum()) > heaviest_weight:
                 heaviest, heaviest_weight = child, float(weights[child_rows].sum())
-            frontier[child] = best_split(child_rows)[0]
+            split = best_split(child_rows)[0]
+            frontier[child] = split if split is not None and split[0] <= log_alpha else None
+            if split is not None and split[0] > log_alpha:
+                watch = _Watch(child_rows, split[1], spell(split[1], split[2]), split[3], True, log_alpha)
+                watches.append((split[0] - log_alpha, watch))
         nodes[index] = ("split", name, branches, heaviest)
         leaves += len(parts) - 1
 
@@ -238,7 +268,76 @@ def _grow(state: _Category, config: GroupingConfig) -> _Tree:
         work=max(work, float(table.nnz)),
         taste_log_p=root_taste,
         split_log_p=root[0] if root is not None else 0.0,
+        watches=tuple(watch for _, watch in sorted(watches, key=lambda pair: pair[0])[:_WATCHES]),
     )
+
+
+def _look(state: _Category, config: GroupingConfig) -> tuple[bool, float]:
+    """Re-test the candidates the last macro step watched on the counts now: does one reach its threshold?
+
+    Each is one fixed member of the family its macro step searched, so the
+    search's Bonferroni term stays valid for it. Returns the answer and the
+    counted work (cells visited and tests run, as in :func:`_grow`).
+    """
+    evidence = _evidence(state, config)
+    test_work = _TEST_WORK * (1.0 + 0.2 * len(evidence.names))
+    codes = state.code_arrays()
+    work = _LOOK_WORK + float(state.n_rows * max(1, len(codes)))
+    for watch in state.watches:
+        counted = _watched_counts(state, codes, watch)
+        if counted is None:
+            continue
+        part_c, part_i, cells = counted
+        work += cells + test_work
+        log_p = _log_p_same(part_c, part_i, evidence, level=watch.level) + watch.log_correction
+        if log_p <= watch.log_threshold:
+            return True, work
+    return False, work
+
+
+def _watched_counts(
+    state: _Category, codes: dict[str, np.ndarray], watch: _Watch
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Clicks and impressions per (part, creative) of a watched candidate now, and the table cells read."""
+    if watch.row_parts:  # the parts are rows (the leaves of a level tree)
+        totals = [_totals(state.table, rows) for rows in watch.row_parts]
+        cells = sum(len(rows) for rows in watch.row_parts)
+        return np.stack([t[1] for t in totals]), np.stack([t[0] for t in totals]), cells
+    names = watch.name if isinstance(watch.name, tuple) else (watch.name,)
+    if any(name not in codes for name in names):
+        return None
+    rows = np.arange(state.n_rows) if watch.rows is None else watch.rows
+    key = np.zeros(len(rows), dtype=np.int64)
+    for name in names:
+        key = key * len(state.vocab[name]) + codes[name][rows]
+    label = np.full(len(rows), -1)
+    for k, part in enumerate(watch.parts):
+        keys = [_key(state.vocab, names, token if isinstance(token, tuple) else (token,)) for token in part]
+        label[np.isin(key, [code for code in keys if code is not None])] = k
+    kept = np.flatnonzero(label >= 0)
+    sub = state.table[rows[kept]]
+    one_hot = sparse.csr_array((np.ones(len(kept)), (label[kept], np.arange(len(kept)))), (len(watch.parts), len(kept)))
+    summed = (one_hot @ sub).toarray()
+    return summed[:, 1::2], summed[:, 0::2], sub.nnz
+
+
+def _evidence(state: _Category, config: GroupingConfig) -> Evidence:
+    """The category's evidence, built again only when its creatives or their attributes changed."""
+    key = (config.evidence, tuple(state.creative_tokens))
+    if state.evidence_cache is None or state.evidence_cache[0] != key:
+        state.evidence_cache = (key, build_evidence(state.creative_tokens, config.evidence))
+    return state.evidence_cache[1]
+
+
+def _key(vocab: dict[str, dict[str, int]], names: tuple[str, ...], tokens: tuple[str, ...]) -> int | None:
+    """The code of a value (a pair of values) under the vocabularies now; ``None`` if a token is unknown."""
+    key = 0
+    for name, token in zip(names, tokens):
+        code = vocab[name].get(token)
+        if code is None:
+            return None
+        key = key * len(vocab[name]) + code
+    return key
 
 
 def _totals(table: sparse.csr_array, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -163,8 +163,8 @@ def test_without_interactions_the_diagonal_stays_one_group() -> None:
 def test_attribute_evidence_groups_sooner() -> None:
     """Same stream, same seed: with the creatives' attributes the taste split comes in fewer impressions.
 
-    Checked every 250 impressions: in chunks of 1,000 the difference (27 against 28 chunks) vanished once
-    macro steps got cheaper. Measured: 19,250 impressions with attributes, 33,000 without."""
+    Checked every 250 impressions (groups may change between macro steps: a look brings one forward).
+    Measured: 21,000 impressions with attributes, 33,000 without."""
     users = _users(age=["young", "old"], tier=["1", "2", "3"])
     taste: Taste = lambda user, tokens: _likes(  # noqa: E731
         tokens, "primary=pink" if user["age"] == "young" else "primary=green", gain=1.5
@@ -180,3 +180,86 @@ def test_attribute_evidence_groups_sooner() -> None:
                 break
     assert found_at["both"] is not None
     assert found_at["creatives"] is None or found_at["both"] < found_at["creatives"]
+
+
+# --- looks between macro steps ---------------------------------------------------------------
+
+
+def _first_split(monkeypatch: pytest.MonkeyPatch, looks: bool) -> tuple[int | None, list[tuple[int, bool]], list[int]]:
+    """Impressions until the pink/green mugs stream has two groups (checked every 250), the looks (events, passed)
+    and the macro steps' event counts, with or without the looks between macro steps."""
+    import streams.grouping.category as category
+    import streams.grouping.grouper as grouper_module
+
+    if not looks:
+        monkeypatch.setattr(category, "_LOOK_MIN", 10**9)
+    looked: list[tuple[int, bool]] = []
+    real_look = grouper_module._look
+
+    def look(state: Any, config: GroupingConfig) -> tuple[bool, float]:
+        passed, work = real_look(state, config)
+        looked.append((state.events, passed))
+        return passed, work
+
+    monkeypatch.setattr(grouper_module, "_look", look)
+    grouper = ProductAwareGrouper(GroupingConfig(halflife=None))
+    steps: list[int] = []
+    recluster = grouper._recluster
+
+    def counted(state: Any) -> None:
+        steps.append(state.events)
+        recluster(state)
+
+    grouper._recluster = counted  # type: ignore[method-assign]
+    users = _users(age=["young", "old"], tier=["1", "2", "3"])
+    taste: Taste = lambda user, tokens: _likes(  # noqa: E731
+        tokens, "primary=pink" if user["age"] == "young" else "primary=green", gain=1.5
+    )
+    for step in range(160):
+        _feed(grouper, "mugs", users, taste, 250, seed=300 + step)
+        if len(grouper.groups("mugs")) == 2:
+            return (step + 1) * 250, looked, steps
+    return None, looked, steps
+
+
+def test_a_look_brings_the_split_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between macro steps, looks re-test the candidates closest to significance; one that passes runs the
+    step at once instead of at the end of the budget's gap."""
+    with_looks, looked, steps = _first_split(monkeypatch, looks=True)
+    assert with_looks is not None
+    assert any(passed for _, passed in looked)
+    assert all(events in steps for events, passed in looked if passed)  # a passing look runs the macro step
+    monkeypatch.undo()
+    without, looked_never, _ = _first_split(monkeypatch, looks=False)
+    assert looked_never == []
+    assert without is None or with_looks < without
+
+
+def test_looks_and_steps_stay_within_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted work (macro steps and looks) stays under ``recluster_budget`` per event, up to the bounded debt."""
+    import streams.grouping.grouper as grouper_module
+
+    spent: list[float] = []
+    steps: list[float] = []
+    real_look, real_grow = grouper_module._look, grouper_module._grow
+
+    def look(state: Any, config: GroupingConfig) -> tuple[bool, float]:
+        passed, work = real_look(state, config)
+        spent.append(work)
+        return passed, work
+
+    def grow(state: Any, config: GroupingConfig) -> Any:
+        tree = real_grow(state, config)
+        spent.append(tree.work)
+        steps.append(tree.work)
+        return tree
+
+    monkeypatch.setattr(grouper_module, "_look", look)
+    monkeypatch.setattr(grouper_module, "_grow", grow)
+    config = GroupingConfig(halflife=None, recluster_budget=100.0)
+    grouper = ProductAwareGrouper(config)
+    users = _users(age=["young", "old"], city=["big", "small"], tier=["1", "2", "3"])
+    taste: Taste = lambda user, tokens: _likes(tokens, "primary=red" if user["age"] == "young" else "copy=yes")  # noqa: E731
+    _feed(grouper, "sofas", users, taste, 40_000, seed=4)
+    assert len(steps) >= 3 and len(spent) > len(steps)  # steps and looks both ran
+    assert sum(spent) <= config.recluster_budget * 40_000 + 2.5 * max(steps)

@@ -18,7 +18,8 @@ idempotence by event id in both stages turns redelivery into exact counts.
 Tables are in-memory stores rebuilt from their changelog topics on restart.
 A batch returns (and Faust may commit its offsets) only once the broker has
 acknowledged the journal entries that make a replay skip it
-(:class:`Deliveries`; ``producer.flush()`` alone does not wait for them).
+(:class:`Deliveries`, one per stage; ``producer.flush()`` alone does not wait for them).
+Both stages take micro-batches and wait for the broker once or twice per batch, not per message.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 import faust
 from faust.streams import _current_event
 from faust.events import Event
-from faust.types import EventT, Message, ProducerT, StreamT
+from faust.types import EventT, Message, StreamT
 
 from infra.contracts.events import EventError
 from infra.contracts.messages import dead_letter_bytes
@@ -43,10 +44,10 @@ from infra.security import aiokafka_options, faust_credentials
 from infra.contracts.messages import to_bytes as message_bytes
 from infra.settings import Settings
 from streams import metrics
-from streams.aggregate import FeatureFeed, OutcomeBatch
+from streams.aggregate import AggregateResult, FeatureFeed, OutcomeBatch
 from streams.ingest import BatchResult
 from streams.offsets import Admit, OffsetGuard, read_records
-from streams.stages import build_stages, collect_outcomes, detach_aggregate, publish_views, restore_views
+from streams.stages import build_stages, collect_outcomes, detach_aggregate
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,14 @@ CHUNK_BYTES = 512 * 1024
 each changelog entry as small with batched messages as with single events."""
 OUTCOME_ROWS = 2_000
 """A category's outcome message is sent once it holds this many rows (far under Kafka's 1 MB message limit)."""
+AGGREGATE_WITHIN_S = 0.01
+"""Longest stage 2 waits to fill a micro-batch of outcome messages: a backlog fills it at once (one delivery
+wait per batch instead of per message), while a message arriving alone is held at most this long."""
+AGGREGATE_CHUNK_BYTES = 256 * 1024
+"""Most outcome-message bytes of one partition stage 2 journals in one entry (at least one message): the entry
+holds their ``assigned`` rows and view rows, about as large again, and must stay under Kafka's 1 MB."""
+INGEST_TABLES = frozenset({"seen-journal", "impression-index-journal"})
+"""Stage 1's tables; every other table belongs to stage 2. Each stage waits only for what it sent."""
 
 
 class Worker:
@@ -118,11 +127,12 @@ class Worker:
 
         json_schema = faust.Schema(key_serializer="json", value_serializer="json")
 
-        self.deliveries = Deliveries()
+        self.deliveries = {"ingest": Deliveries(), "aggregate": Deliveries()}
+        """What each stage sent and waits for (its tables' changelog records and its topic messages)."""
 
         def table(name: str, partitions: int) -> faust.Table:
             made = self.app.Table(name, default=None, partitions=partitions, schema=json_schema)
-            made.deliveries = self.deliveries
+            made.deliveries = self.deliveries["ingest" if name in INGEST_TABLES else "aggregate"]
             return made
 
         stages = self._stages = build_stages(settings, table, writer=_changelog_writer)
@@ -181,7 +191,8 @@ class Worker:
 
     async def _rebuild_aggregate(self) -> None:
         self.assigned.recover()
-        restore_views(self._stages)
+        for partition, rows in self.assigned.recovered_views.items():
+            await self._send_views(partition, rows)
         self.aggregate.rebuild()
         self.outcome_offsets.reset(self.assigned.recovered_offsets)
         log.info("recovered stage 2: next outcome offsets from the journal %s",
@@ -205,6 +216,7 @@ class Worker:
         before the journal entries that make a replay of these events skip them, so a replay either
         re-sends an outcome (stage 2 drops it by impression id) or finds nothing was sent.
         """
+        start = time.perf_counter()
         events = await self._admit(self.input_offsets, events)
         by_partition: dict[int, list[EventT]] = defaultdict(list)
         for event in events:
@@ -229,15 +241,16 @@ class Worker:
                     self._feed(self.feed.after_ingest, result.impressions)
                 await self._send_outcomes(outcomes, at_least=OUTCOME_ROWS)
         await self._send_outcomes(outcomes, at_least=1)
-        await self.deliveries.wait(self.app.producer)
+        await self._delivered("ingest")
         for last_event, partition, watermark, seen, index, offsets in entries:
             with _table_context(last_event):
                 self.seen.write(seen, partition, watermark, offsets=offsets)
                 self.index.write(index, partition, watermark, offsets=offsets)
         # Faust acks these events when this returns and may commit their offsets at once: the entries must be
         # durable by then, or a kill resumes past events whose impression index (for later clicks) is gone.
-        await self.deliveries.wait(self.app.producer)
+        await self._delivered("ingest")
         metrics.BATCH_SIZE.observe(n_events)
+        metrics.STAGE_SECONDS.labels("ingest").observe(time.perf_counter() - start)
         _count_ingest(before, self.ingest.counters)
 
     async def _admit(self, guard: OffsetGuard, events: Sequence[EventT]) -> list[EventT]:
@@ -276,7 +289,8 @@ class Worker:
         for category in list(outcomes):
             batch = outcomes[category]
             if len(batch.impressions) + len(batch.clicks) >= at_least:
-                await self.outcomes_topic.send(key=category.encode(), value=batch.to_bytes())
+                sent = await self.outcomes_topic.send(key=category.encode(), value=batch.to_bytes())
+                self.deliveries["ingest"].add("outcomes", sent)
                 del outcomes[category]
 
     async def _dead_letter(self, result: BatchResult, part_events: Sequence[EventT]) -> None:
@@ -290,49 +304,99 @@ class Worker:
             letter = dead_letter_bytes(
                 error, rejected.raw, source_topic=message.topic, partition=message.partition, offset=message.offset,
             )
-            await self.dead_letter_topic.send(key=message.key, value=letter)
+            sent = await self.dead_letter_topic.send(key=message.key, value=letter)
+            self.deliveries["ingest"].add("dead-letter", sent)
             metrics.DEAD_LETTERED.labels(metrics.field_label(rejected.error.field)).inc()
 
     async def _aggregate_agent(self, stream: StreamT) -> None:
-        async for event in stream.events():
-            await self._aggregate_event(event)
+        async for events in stream.take_events(self.settings.streams.batch_size, within=AGGREGATE_WITHIN_S):
+            await self._aggregate_batch(events)
 
-    async def _aggregate_event(self, event: EventT) -> None:
-        """Stage 2 over one outcome message, after any the consumer skipped before it (see :meth:`_admit`)."""
-        for admitted in await self._admit(self.outcome_offsets, [event]):
-            with _table_context(admitted):
-                await self._aggregate_one(admitted)
+    async def _aggregate_batch(self, events: Sequence[EventT]) -> None:
+        """Stage 2 over a micro-batch of outcome messages, after any the consumer skipped (see :meth:`_admit`).
 
-    async def _aggregate_one(self, event: EventT) -> None:
-        """Stage 2 over one outcome message (in its event's context).
-
-        Pairs and alerts first (a replay re-sends them with the same ids), then the batch's journal entry
-        with the view rows it wrote, acknowledged before those rows reach their tables and before this
-        returns (Faust then acks the event and may commit its offset): a kill at any moment leaves the
-        counts either without the batch (replayed) or recoverable with it.
+        Pairs and alerts first (a replay re-sends them with the same ids), then one journal entry per outcome
+        partition (and :data:`AGGREGATE_CHUNK_BYTES` of its messages) with the view rows they wrote,
+        acknowledged before those rows' own changelog records are sent and before this returns (Faust then
+        acks the events and may commit their offsets): a kill at any moment leaves the counts either without
+        a chunk's messages (replayed) or recoverable with them. One wait for each step, whatever the batch size.
         """
+        start = time.perf_counter()
+        before = _snapshot(self.aggregate.counters)
+        entries = []
+        counted: list[tuple[EventT, str, AggregateResult]] = []
+        for partition, part_events in _by_partition(await self._admit(self.outcome_offsets, events)).items():
+            for chunk in _chunks(part_events, AGGREGATE_CHUNK_BYTES):
+                watermark = 0
+                for event in chunk:
+                    with _table_context(event):
+                        category, result = await self._aggregate_message(event)
+                    watermark = max(watermark, self.aggregate.watermark(category))
+                    counted.append((event, category, result))
+                changes, rows = detach_aggregate(self._stages)
+                self._hold_views(rows)
+                entries.append((chunk[-1], partition, watermark, changes, rows, _next_offsets(chunk)))
+        await self._delivered("aggregate")
+        for last_event, partition, watermark, changes, rows, offsets in entries:
+            with _table_context(last_event):
+                self.assigned.write(changes, partition, watermark, rows, offsets=offsets)
+        await self._delivered("aggregate")
+        for _, partition, _, _, rows, _ in entries:
+            await self._send_views(partition, rows)
+        _count_aggregate(before, self.aggregate.counters)
+        for event, category, result in counted:
+            groups = self.aggregate.grouper(category).groups(category)
+            metrics.GROUPS.labels(category).set(len(groups))
+            if self.feed is not None:
+                with _table_context(event):
+                    self._feed(self.feed.after_batch, category, result, groups)
+        metrics.STAGE_SECONDS.labels("aggregate").observe(time.perf_counter() - start)
+
+    async def _aggregate_message(self, event: EventT) -> tuple[str, AggregateResult]:
+        """Count one outcome message (in its event's context) and send its pairs and alerts; returns its
+        category and what it changed. Its state changes wait in the stores for the batch's journal entry."""
         category = event.key.decode()
-        batch = OutcomeBatch.from_bytes(event.value)
         message = event.message
         self._next_offset[(message.topic, message.partition)] = message.offset + 1
-        before = _snapshot(self.aggregate.counters)
-        result = self.aggregate.apply(category, batch)
+        result = self.aggregate.apply(category, OutcomeBatch.from_bytes(event.value))
+        deliveries = self.deliveries["aggregate"]
         for pair in result.pairs:
-            await self.pairs_topic.send(key=pair.group_id.encode(), value=message_bytes(pair))
+            deliveries.add("pairs", await self.pairs_topic.send(key=pair.group_id.encode(), value=message_bytes(pair)))
         for alert in result.alerts:
-            await self.drift_topic.send(key=alert.group_id.encode(), value=message_bytes(alert))
-        if result.pairs or result.alerts:
-            await self.app.producer.flush()
-        changes, rows = detach_aggregate(self._stages)
-        self.assigned.write(changes, message.partition, self.aggregate.watermark(category), rows,
-                            offsets={message.topic: message.offset + 1})
-        await self.deliveries.wait(self.app.producer)
-        publish_views(self._stages, message.partition, rows)
-        _count_aggregate(before, self.aggregate.counters)
-        groups = self.aggregate.grouper(category).groups(category)
-        metrics.GROUPS.labels(category).set(len(groups))
-        if self.feed is not None:
-            self._feed(self.feed.after_batch, category, result, groups)
+            deliveries.add("alerts", await self.drift_topic.send(key=alert.group_id.encode(), value=message_bytes(alert)))
+        return category, result
+
+    def _hold_views(self, rows: dict[str, dict[str, Any]]) -> None:
+        """Put view rows taken for a journal entry into their tables' memory only, so the batch's next chunks
+        read them; their changelog records wait for the entry (:meth:`_send_views`)."""
+        for name, view_rows in rows.items():
+            self._stages.views[name].table.data.update(view_rows)
+
+    async def _send_views(self, partition: int, rows: dict[str, dict[str, Any]]) -> None:
+        """Write view rows whose journal entry is durable into their tables, their changelog records handed
+        straight to the producer (all view writes go this way, so they reach each partition in write order).
+
+        A batch changes thousands of rows (``user-groups``: one per new user); Faust's table writes pass each
+        through its producer buffer, a queue drained one record per hop of its own task, which then holds up
+        the stream (``wait_until_ebb``). The records go to the same topics and partitions in the same order.
+        """
+        producer = self.app.producer
+        deliveries = self.deliveries["aggregate"]
+        for name, view_rows in rows.items():
+            table = self._stages.views[name].table
+            topic = table.changelog_topic
+            topic_name = topic.get_topic_name()
+            for key, value in view_rows.items():
+                table.data[key] = value  # again: a recovery meanwhile may have reloaded the older durable rows
+                key_bytes, _ = topic.prepare_key(key, table.key_serializer)
+                value_bytes, _ = topic.prepare_value(value, table.value_serializer)
+                deliveries.add(table.name, await producer.send(topic_name, key_bytes, value_bytes, partition, None, None))
+
+    async def _delivered(self, stage: str) -> None:
+        """Wait until the broker acknowledged everything ``stage`` sent so far (timed as its delivery wait)."""
+        start = time.perf_counter()
+        await self.deliveries[stage].wait()
+        metrics.DELIVERY_WAIT.labels(stage).observe(time.perf_counter() - start)
 
     def _feed(self, step: Any, *args: Any) -> None:
         """Run one feature-feed step; a failure is logged and counted, never raised into the stream."""
@@ -358,33 +422,35 @@ class Worker:
 
 
 class Deliveries:
-    """Changelog records the worker's tables sent, kept until the broker acknowledges them.
+    """Messages one stage sent (its tables' changelog records, its topic messages), kept until acknowledged.
 
     ``app.producer.flush()`` is no delivery barrier for table writes: they go through Faust's producer
     buffer, whose flush gives up after 0.1 s without progress and does not count the record its sender
     task is handing to aiokafka at that moment (e.g. waiting for the partition's previous batch), so a
     journal entry written just before it can still be unsent when it returns. :meth:`wait` awaits each
-    record's own future, which resolves only on the broker's acknowledgement.
+    message's own future, which resolves only on the broker's acknowledgement (Faust's buffer hands its
+    records to aiokafka on its own task), and only this stage's: one stage never waits for the other's traffic.
     """
 
     def __init__(self) -> None:
         self._sent: list[tuple[str, asyncio.Future]] = []
 
-    def add(self, table: str, sent: asyncio.Future) -> None:
-        """Track one changelog record of ``table``."""
-        self._sent.append((table, sent))
+    def add(self, name: str, sent: Any) -> None:
+        """Track one message (a changelog record of table ``name``, or a message of topic kind ``name``)."""
+        self._sent.append((name, sent))
 
-    def undelivered(self, tables: set[str] | None = None) -> int:
-        """Records (of ``tables``, or of all) sent and not yet acknowledged."""
-        return sum(not sent.done() for name, sent in self._sent if tables is None or name in tables)
+    def undelivered(self, names: set[str] | None = None) -> int:
+        """Messages (of ``names``, or of all) sent and not yet acknowledged."""
+        return sum(not sent.done() for name, sent in self._sent if names is None or name in names)
 
-    async def wait(self, producer: ProducerT) -> None:
-        """Wait until every message sent so far is acknowledged (raises the first send error)."""
-        await producer.flush()  # hands over buffered records; delivers directly sent messages (outcomes, pairs)
+    async def wait(self) -> None:
+        """Wait until every message tracked so far is acknowledged (raises the first send error)."""
         pending = [sent for _, sent in self._sent if not sent.done()]
         if pending:
             await asyncio.gather(*pending)
-        self._sent = [(name, sent) for name, sent in self._sent if not sent.done()]
+        for _, sent in self._sent:
+            sent.result()  # a send that failed before this wait raises here too
+        self._sent = []
 
 
 class TrackedTable(faust.Table):
@@ -452,6 +518,14 @@ def _event_of(app: faust.App, record: Any) -> EventT:
     message = Message(record.topic, record.partition, record.offset, timestamp, record.timestamp_type or 0,
                       list(record.headers or ()), record.key, record.value, None)
     return Event(app, record.key, record.value, {}, message)
+
+
+def _by_partition(events: Sequence[EventT]) -> dict[int, list[EventT]]:
+    """``events`` grouped by input partition, each group in its order."""
+    groups: dict[int, list[EventT]] = defaultdict(list)
+    for event in events:
+        groups[event.message.partition].append(event)
+    return groups
 
 
 def _next_offsets(events: Sequence[EventT]) -> dict[str, int]:

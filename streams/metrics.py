@@ -41,6 +41,14 @@ PAIRS = Counter("osmf_preference_pairs_total", "Preference pairs emitted.")
 DRIFT_ALERTS = Counter("osmf_drift_alerts_total", "CTR drift alerts emitted.")
 GROUPS = Gauge("osmf_groups", "Groups per product category.", ["category"])
 LAG = Gauge("osmf_consumer_lag", "Fetch high-watermark minus next offset to read.", ["topic", "partition"])
+STAGE_SECONDS = Histogram(
+    "osmf_stage_seconds", "Time a stage spends on one batch, delivery waits included.", ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+DELIVERY_WAIT = Histogram(
+    "osmf_delivery_wait_seconds", "Time a stage's batch waits for the broker to acknowledge what it sent.", ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
 BATCH_SIZE = Histogram(
     "osmf_batch_size", "Events per stage-1 micro-batch.", buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000)
 )

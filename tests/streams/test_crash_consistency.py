@@ -29,7 +29,8 @@ from infra.settings import Settings
 from sim.simulate import generate_events
 from sim.world import World
 from streams.aggregate import OutcomeBatch
-from streams.app import Worker, _table_context
+import streams.app as app_module
+from streams.app import Worker
 from streams.stages import (
     build_stages, collect_outcomes, detach_aggregate, ingest_partition, journal_aggregate, publish_views,
     restore_views,
@@ -135,8 +136,9 @@ def _event(worker: Worker, topic: str, partition: int, offset: int, key: bytes, 
 
 
 async def _drive_stages(worker: Worker, events: list, partitions: int) -> tuple[list[int], list[int]]:
-    """Stage 1 over ``events`` in micro-batches of 200 messages, then stage 2 over every outcome message, as the
-    agents run them; per returned batch, how many of its journal records the broker had not acknowledged."""
+    """Stage 1 over ``events`` in micro-batches of 200 messages, then stage 2 over the outcome messages in
+    micro-batches of 3, as the agents run them; per returned batch, how many of its journal records the broker
+    had not acknowledged."""
     topics = worker.settings.topics
     await worker.app.producer.start()
     try:
@@ -150,22 +152,28 @@ async def _drive_stages(worker: Worker, events: list, partitions: int) -> tuple[
                                     to_bytes(event)))
                 offsets[(topic, partition)] += 1
             await worker._ingest_batch(None, batch)
-            stage1.append(worker.deliveries.undelivered(STAGE1_JOURNALS))
-        outcomes = consume_all(worker.settings.bootstrap_servers, [worker.outcomes_topic.get_topic_name()])
+            stage1.append(worker.deliveries["ingest"].undelivered(STAGE1_JOURNALS))
+        outcomes = [_event(worker, r.topic, r.partition, r.offset, r.key, r.value)
+                    for r in consume_all(worker.settings.bootstrap_servers, [worker.outcomes_topic.get_topic_name()])]
         stage2 = []
-        for record in outcomes:
-            event = _event(worker, record.topic, record.partition, record.offset, record.key, record.value)
-            with _table_context(event):
-                await worker._aggregate_event(event)
-            stage2.append(worker.deliveries.undelivered(STAGE2_JOURNALS))
-        await worker.deliveries.wait(worker.app.producer)
+        for start in range(0, len(outcomes), 3):  # micro-batches of outcome messages of several partitions
+            await worker._aggregate_batch(outcomes[start:start + 3])
+            stage2.append(worker.deliveries["aggregate"].undelivered(STAGE2_JOURNALS))
+        for deliveries in worker.deliveries.values():
+            await deliveries.wait()
         return stage1, stage2
     finally:
         await worker.app.producer.stop()
 
 
 @pytest.mark.broker
-def test_stage_batches_return_only_once_their_journal_entries_are_acknowledged(broker_settings, tmp_path) -> None:
+@pytest.mark.parametrize("chunk_bytes", [app_module.AGGREGATE_CHUNK_BYTES, 1], ids=["default-chunks", "entry-per-message"])
+def test_stage_batches_return_only_once_their_journal_entries_are_acknowledged(
+    broker_settings, tmp_path, monkeypatch, chunk_bytes: int
+) -> None:
+    # chunk_bytes=1: stage 2 journals every outcome message of a batch as an entry of its own, so later chunks
+    # must read the view rows of earlier ones whose changelog records still wait for the batch's entries.
+    monkeypatch.setattr(app_module, "AGGREGATE_CHUNK_BYTES", chunk_bytes)
     run = isolated_run(broker_settings, tmp_path)
     events = list(generate_events(World.load(WORLD_A), seed=5, n_impressions=2000, start_ts_ms=1_767_225_600_000))
     expected = expected_counts(events)
@@ -177,7 +185,8 @@ def test_stage_batches_return_only_once_their_journal_entries_are_acknowledged(b
 
     stage1, stage2 = asyncio.run(_drive_stages(worker, events, partitions))
 
-    assert len(stage1) == -(-len(events) // 200) and len(stage2) >= len(stage1)
+    assert len(stage1) == -(-len(events) // 200) and len(stage2) >= len(stage1) / 3
     assert stage1 == [0] * len(stage1), "stage 1 returned with seen/index journal entries not yet acknowledged"
     assert stage2 == [0] * len(stage2), "stage 2 returned with its assigned journal entry not yet acknowledged"
     assert table_counts(dict(worker.stores.ctr.table.data.items())) == (expected.impressions, expected.clicks)
+    assert table_counts(run.table("ctr")) == (expected.impressions, expected.clicks), "the changelog holds the same"

@@ -13,8 +13,11 @@ c. ``osmf worker`` on the single-event topics;
 d. ``osmf worker`` on the batched topics;
 e. ``osmf worker -n 2`` on the batched topics.
 
-Worker rates run from the first impression counted to the last event counted
-(read from the workers' metrics), so start-up and group join are left out;
+Worker rates run from the first micro-batch stage 1 began
+(``osmf_batches_started_total``) to the last event counted (read from the
+workers' metrics), so start-up and group join are left out (counting from the
+first impression *counted* left out the first batches, whose size grows with
+how much the worker takes at once, and overstated the rate);
 (a) and (b) run from their first fetch. Features are off in the workers (the
 stream alone; ``osmf bench freshness`` covers the feature path).
 """
@@ -216,8 +219,8 @@ def _worker_rate(env: dict[str, str], n_impressions: int, n_clicks: int, workers
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"the worker exited with status {proc.returncode}")
-            impressions, clicks = _counted(range(port, port + workers))
-            if impressions and first is None:
+            started, impressions, clicks = _counted(range(port, port + workers))
+            if started and first is None:
                 first = time.perf_counter()
             if impressions >= n_impressions and clicks >= n_clicks:
                 return Rate((n_impressions + n_clicks) / (time.perf_counter() - (first or time.perf_counter())))
@@ -239,8 +242,9 @@ def _stop_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _counted(ports: range) -> tuple[int, int]:
-    impressions = clicks = 0
+def _counted(ports: range) -> tuple[int, int, int]:
+    """Stage-1 batches begun, impressions and clicks counted, over the workers' metrics."""
+    started = impressions = clicks = 0
     for port in ports:
         try:
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
@@ -249,7 +253,9 @@ def _counted(ports: range) -> tuple[int, int]:
         values = dict(re.findall(r'^osmf_counted_total\{kind="(\w+)"\} ([0-9.e+]+)$', text, flags=re.M))
         impressions += int(float(values.get("impression", 0)))
         clicks += int(float(values.get("click", 0)))
-    return impressions, clicks
+        begun = re.search(r'^osmf_batches_started_total\{stage="ingest"\} ([0-9.e+]+)$', text, flags=re.M)
+        started += int(float(begun.group(1))) if begun else 0
+    return started, impressions, clicks
 
 
 @contextmanager

@@ -217,6 +217,7 @@ class Worker:
         re-sends an outcome (stage 2 drops it by impression id) or finds nothing was sent.
         """
         start = time.perf_counter()
+        metrics.BATCHES_STARTED.labels("ingest").inc()
         events = await self._admit(self.input_offsets, events)
         by_partition: dict[int, list[EventT]] = defaultdict(list)
         for event in events:

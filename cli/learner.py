@@ -376,9 +376,7 @@ def _print_run_summary(result: Any) -> None:
                           f"{r.seconds:.1f}", r.decision, str(r.version))
         console.print(table)
     c = loop.counts
-    lines = [f"pairs read from {topic}: {c.offered} ({c.new} kept as new, {c.duplicates} duplicates, "
-             f"{c.retired} retired: a promoted version was trained on them)",
-             f"pairs retired from the buffer by promotions: {c.retired_by_promotion}",
+    lines = [f"pairs read from {topic}: {c.offered} ({c.new} kept as new, {c.duplicates} duplicates)",
              f"malformed messages: {result.malformed} ({result.dead_lettered} sent to {dead_topic}, "
              f"{result.malformed - result.dead_lettered} already there)"]
     if c.unknown_product:

@@ -5,9 +5,6 @@ is re-sent at higher evidence levels and after a worker restart; the buffer
 keeps one entry per (group, product, winner, loser), the latest. When full,
 the oldest entries go first. Held-out pairs for the gate are chosen by a hash
 of the pair's identity, so a pair never moves between training and held-out.
-Once a version trained on some pairs is promoted they are *retired*
-(:meth:`PairBuffer.retire`): the new version is the next round's reference,
-and fitting the same pairs again from it pushes the same way twice.
 
 >>> from infra.contracts.messages import PreferencePair
 >>> buffer = PairBuffer(capacity=10, half_life_s=60)
@@ -24,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,29 +55,14 @@ class PairBuffer:
         self.capacity = capacity
         self.half_life_s = half_life_s
         self._pairs: OrderedDict[tuple[str, str, str, str], PreferencePair] = OrderedDict()
-        self._retired: OrderedDict[tuple[str, str, str, str], None] = OrderedDict()
-        self.retired_until: int | None = None
-        """Pairs with ``ts`` up to this are refused: a promoted version was trained on their data window."""
         self.new_pairs = 0
 
     def __len__(self) -> int:
         return len(self._pairs)
 
-    @staticmethod
-    def _key(pair: PreferencePair) -> tuple[str, str, str, str]:
-        return pair.group_id, pair.product_id, pair.winner_creative_id, pair.loser_creative_id
-
-    def is_retired(self, pair: PreferencePair) -> bool:
-        """Whether ``pair`` (or a re-send of it at another evidence level) was retired by :meth:`retire`."""
-        return (self.retired_until is not None and pair.ts <= self.retired_until) or self._key(pair) in self._retired
-
     def add(self, pair: PreferencePair) -> bool:
-        """Keep ``pair`` (replacing an older one of the same identity); True if it is new information.
-
-        A retired pair is refused (False)."""
-        if self.is_retired(pair):
-            return False
-        key = self._key(pair)
+        """Keep ``pair`` (replacing an older one of the same identity); True if it is new information."""
+        key = (pair.group_id, pair.product_id, pair.winner_creative_id, pair.loser_creative_id)
         old = self._pairs.get(key)
         if old is not None and old.evidence_level >= pair.evidence_level:
             return False
@@ -92,30 +73,6 @@ class PairBuffer:
             oldest = min(self._pairs, key=lambda k: self._pairs[k].ts)
             del self._pairs[oldest]
         return True
-
-    def retire(self, pairs: Iterable[PreferencePair], until: int | None = None) -> int:
-        """Drop ``pairs`` for good and refuse them (and any pair with ``ts <= until``) from now on; returns
-        how many were held.
-
-        Call it when a version trained on them is promoted: iterative DPO fits
-        each reference on pairs among its own creatives, and a pair the
-        reference has already learned, fitted again from it, overshoots
-        (measured on world A: a second round on fresh pairs plus the first
-        round's lost 6 % of the first round's gain; docs/learner.md). The
-        identities of the last ``capacity`` retired pairs are remembered, so a
-        re-send at a higher evidence level stays out too.
-        """
-        held = 0
-        for pair in pairs:
-            key = self._key(pair)
-            held += self._pairs.pop(key, None) is not None
-            self._retired[key] = None
-            self._retired.move_to_end(key)
-        while len(self._retired) > self.capacity:
-            self._retired.popitem(last=False)
-        if until is not None:
-            self.retired_until = until if self.retired_until is None else max(self.retired_until, until)
-        return held
 
     def pairs(self) -> list[PreferencePair]:
         """Every pair held, oldest first."""

@@ -10,14 +10,11 @@ consumer left out (the command feeds it; tests call it directly):
   ``max_wait_s`` since the last round with at least one;
 - the incumbent: the latest published version, which each round fine-tunes
   and gates against (:meth:`LearnerLoop.train_round`, one
-  :func:`learner.round.run_round`); a promoted candidate becomes the incumbent,
-  and the pairs it was trained on are retired (:meth:`learner.buffer.PairBuffer.retire`:
-  each reference is fitted on fresh pairs, as in iterative DPO);
+  :func:`learner.round.run_round`); a promoted candidate becomes the incumbent;
 - the round counter, continued from the history log, so a restarted learner
   numbers on. After a restart the pairs topic is re-read from the start:
   :meth:`LearnerLoop.replayed` then stops counting as new the pairs the last
-  logged round already saw, and pairs no newer than the data window of the
-  last promoted round are refused as retired.
+  logged round already saw.
 
 Group features come from one callable, ``features_for(group_ids)``
 (:func:`group_feature_source`: the Feast online store when it is enabled and
@@ -34,8 +31,6 @@ stay in the buffer but are left out of the round, and counted.
 ...                    Path("/nonexistent"), Path("/nonexistent/rounds.jsonl"), started_at=0.0)
 >>> [loop.offer(pair(1)), loop.offer(pair(1)), loop.offer(pair(2, "p9"))]
 ['new', 'duplicate', 'unknown product']
->>> loop.buffer.retire([pair(1)]), loop.offer(pair(1))
-(1, 'retired')
 >>> loop.due(now=1.0), loop.offer(pair(3)), loop.due(now=1.0)
 (False, 'new', True)
 """
@@ -66,7 +61,7 @@ FeaturesFor = Callable[[Sequence[str]], Mapping[str, GroupFeatures | str]]
 JudgeFor = Callable[[Mapping[str, GroupFeatures | str]], ServedCTR | None]
 """Builds a round's ``served_ctr`` judge from the round's group features (e.g. a simulated world)."""
 
-NEW, DUPLICATE, UNKNOWN_PRODUCT, RETIRED = "new", "duplicate", "unknown product", "retired"
+NEW, DUPLICATE, UNKNOWN_PRODUCT = "new", "duplicate", "unknown product"
 """What :meth:`LearnerLoop.offer` did with a pair."""
 
 HISTORY_FILE = "rounds.jsonl"
@@ -84,10 +79,6 @@ class LoopCounts:
     offered: int = 0
     new: int = 0
     duplicates: int = 0
-    retired: int = 0
-    """Pairs refused because a promoted version was trained on them (:meth:`learner.buffer.PairBuffer.retire`)."""
-    retired_by_promotion: int = 0
-    """Pairs dropped from the buffer when the versions trained on them were promoted."""
     unknown_product: int = 0
     unknown_product_ids: Counter = field(default_factory=Counter)
     unknown_group: int = 0
@@ -170,21 +161,15 @@ class LearnerLoop:
         logged = read_rounds(history)
         self.next_round = 1 + max((int(r.get("round", 0)) for r in logged), default=0)
         self.seen_until = max((int(r.get("data_window", (0, 0))[1]) for r in logged), default=0)
-        self.buffer.retired_until = max((int(r.get("data_window", (0, 0))[1]) for r in logged
-                                         if r.get("decision") == "promoted"), default=None)
         self.rounds: list[RoundSummary] = []
 
     def offer(self, pair: PreferencePair) -> str:
-        """Take one pair: :data:`NEW` (kept), :data:`DUPLICATE` (already held), :data:`RETIRED` (a promoted
-        version was trained on it) or :data:`UNKNOWN_PRODUCT` (skipped)."""
+        """Take one pair: :data:`NEW` (kept), :data:`DUPLICATE` (already held) or :data:`UNKNOWN_PRODUCT` (skipped)."""
         self.counts.offered += 1
         if pair.product_id not in self.products:
             self.counts.unknown_product += 1
             self.counts.unknown_product_ids[pair.product_id] += 1
             return UNKNOWN_PRODUCT
-        if self.buffer.is_retired(pair):
-            self.counts.retired += 1
-            return RETIRED
         if not self.buffer.add(pair):
             self.counts.duplicates += 1
             return DUPLICATE
@@ -243,7 +228,6 @@ class LearnerLoop:
         self.seen_until = max(self.seen_until, int(record.data_window[1]))
         if outcome.promoted is not None:
             self.incumbent, self.version = outcome.promoted, record.version
-            self.counts.retired_by_promotion += self.buffer.retire(usable.pairs())
         summary = RoundSummary(
             number=record.round,
             train_pairs=sum(record.pairs_per_group.values()),

@@ -103,7 +103,6 @@ def loop_state(loop: Any) -> dict[str, float]:
     return {
         "pairs_offered_total": counts.offered, "pairs_new_total": counts.new,
         "pairs_duplicate_total": counts.duplicates, "pairs_unknown_product_total": counts.unknown_product,
-        "pairs_retired_total": counts.retired + counts.retired_by_promotion,
         "pairs_unknown_group": counts.unknown_group, "buffer_pairs": len(loop.buffer),
         "buffer_new_pairs": loop.buffer.new_pairs, "incumbent_version": loop.version,
     }

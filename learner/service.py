@@ -330,7 +330,7 @@ class LearnerService:
                         replaying = False
                         still_new = loop.replayed()
                         c = loop.counts
-                        self.echo(f"read {c.offered} pairs from {self.topic} ({c.duplicates} duplicates, {c.retired} retired, "
+                        self.echo(f"read {c.offered} pairs from {self.topic} ({c.duplicates} duplicates, "
                                   f"{self._malformed['count']} malformed, {c.unknown_product} of unknown products); "
                                   f"{len(loop.buffer)} in the buffer, {still_new} new since the last round")
                         if options.once:

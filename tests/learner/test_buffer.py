@@ -59,19 +59,3 @@ def test_history_appends_and_survives_a_torn_line(tmp_path: Path) -> None:
         handle.write('{"round": 2, "trunc')
     rounds = read_rounds(path)
     assert len(rounds) == 1 and rounds[0]["version"] == 2
-
-
-def test_retired_pairs_leave_and_stay_out_also_at_higher_evidence() -> None:
-    buffer = PairBuffer(capacity=3)
-    for ts, winner in ((1, "a"), (2, "b"), (3, "c")):
-        buffer.add(_pair(ts, winner=winner))
-    assert buffer.retire([_pair(1, winner="a"), _pair(2, winner="b"), _pair(9, winner="never-held")]) == 2
-    assert [p.winner_creative_id for p in buffer.pairs()] == ["c"]
-    assert not buffer.add(_pair(5, winner="a", level=2))  # a re-send of a retired pair
-    assert buffer.add(_pair(0, winner="d"))  # no watermark yet: even ts 0 is taken
-    buffer.retire([], until=4)
-    assert not buffer.add(_pair(4, winner="e")) and buffer.add(_pair(5, winner="f"))
-    assert buffer.is_retired(_pair(3, winner="c"))  # held, but no newer than the watermark
-    for winner in "ghijk":  # only the last `capacity` identities are remembered
-        buffer.retire([_pair(10, winner=winner)])
-    assert buffer.add(_pair(11, winner="a", level=3))

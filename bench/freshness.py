@@ -335,7 +335,14 @@ def _push_counters(port: int) -> dict[str, Any]:
     def total(name: str) -> float:
         return sum(float(v) for v in re.findall(rf"^{name}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, flags=re.M))
 
+    def stage(name: str, stage: str) -> float:
+        found = re.search(rf'^{name}\{{stage="{stage}"\}} ([0-9.e+]+)$', text, flags=re.M)
+        return float(found.group(1)) if found else 0.0
+
     return {
+        **{f"{s}_{what}": round(stage(metric, s), 3) for s in ("ingest", "aggregate")
+           for what, metric in (("batches", "osmf_stage_seconds_count"), ("stage_s", "osmf_stage_seconds_sum"),
+                                ("wait_s", "osmf_delivery_wait_seconds_sum"))},
         "rows_pushed": int(total("osmf_feature_rows_pushed_total")),
         "failed_pushes": int(total("osmf_feature_push_failures_total")),
         "rows_dropped": int(total("osmf_feature_rows_dropped_total")),

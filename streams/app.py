@@ -219,11 +219,9 @@ class Worker:
         start = time.perf_counter()
         metrics.BATCHES_STARTED.labels("ingest").inc()
         events = await self._admit(self.input_offsets, events)
-        by_partition: dict[int, list[EventT]] = defaultdict(list)
         for event in events:
-            message = event.message
-            by_partition[message.partition].append(event)
-            self._next_offset[(message.topic, message.partition)] = message.offset + 1
+            self._next_offset[(event.message.topic, event.message.partition)] = event.message.offset + 1
+        by_partition = _by_partition(events)
         outcomes: dict[str, OutcomeBatch] = defaultdict(OutcomeBatch)
         before = _snapshot(self.ingest.counters)
         entries = []

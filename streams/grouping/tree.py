@@ -275,9 +275,10 @@ def _grow(state: _Category, config: GroupingConfig) -> _Tree:
 def _look(state: _Category, config: GroupingConfig) -> tuple[bool, float]:
     """Re-test the candidates the last macro step watched on the counts now: does one reach its threshold?
 
-    Each is one fixed member of the family its macro step searched, so the
-    search's Bonferroni term stays valid for it. Returns the answer and the
-    counted work (cells visited and tests run, as in :func:`_grow`).
+    Each is one fixed member of the family its macro step searched and keeps
+    that search's Bonferroni term; the term does not cover re-testing it at
+    later looks (docs/grouping.md, "Limits and notes"). Returns the answer and
+    the counted work (cells visited and tests run, as in :func:`_grow`).
     """
     evidence = _evidence(state, config)
     test_work = _TEST_WORK * (1.0 + 0.2 * len(evidence.names))

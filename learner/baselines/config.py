@@ -1,0 +1,50 @@
+"""Settings of the baselines beside Group-DPO (the step budget, learning rate, β and batch come from
+:class:`infra.settings.DPOSettings`, so every arm trains alike)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BASELINES = ("kto", "rloo")
+"""Names of the baselines the alignment benchmark can run beside Group-DPO."""
+
+
+@dataclass(frozen=True)
+class KTOBaselineConfig:
+    """How on-policy slate traffic becomes KTO rows (:func:`learner.baselines.kto.kto_rows`).
+
+    Parameters
+    ----------
+    rows_per_slate
+        Desirable rows drawn per (group, product) slate, at most (the slate's
+        clicks if fewer); as many undesirable rows are drawn, so each slate
+        gives at most ``2 * rows_per_slate`` rows. Clicks are drawn without
+        replacement from all of the slate's clicks, non-clicks from all of its
+        non-clicked impressions, so a creative's share of each class is its
+        share of the slate's clicks (non-clicks): the rows keep every
+        creative's CTR relative to its slate.
+    loss_type
+        TRL's ``KTOConfig.loss_type`` (``kto`` or ``apo_zero_unpaired``).
+    desirable_weight
+        TRL's ``desirable_weight``; ``None``: ``n_undesirable / n_desirable``
+        of the rows, the lower end of the range TRL recommends (its Eq. 8
+        check: ``desirable_weight · n_D / (undesirable_weight · n_U)`` in
+        [1, 4/3]). The per-slate draw makes the classes equal, so it is 1.
+    undesirable_weight
+        TRL's ``undesirable_weight``.
+    """
+
+    rows_per_slate: int = 32
+    loss_type: str = "kto"
+    desirable_weight: float | None = None
+    undesirable_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.rows_per_slate < 1:
+            raise ValueError(f"rows_per_slate must be >= 1, got {self.rows_per_slate}")
+        if self.loss_type not in ("kto", "apo_zero_unpaired"):
+            raise ValueError(f"loss_type must be kto or apo_zero_unpaired, got {self.loss_type!r}")
+        if self.desirable_weight is not None and self.desirable_weight <= 0:
+            raise ValueError(f"desirable_weight must be > 0, got {self.desirable_weight}")
+        if self.undesirable_weight <= 0:
+            raise ValueError(f"undesirable_weight must be > 0, got {self.undesirable_weight}")

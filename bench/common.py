@@ -53,3 +53,40 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def pretrained_base(world: Any, world_file: Path, settings: Any, output_dir: Path) -> tuple[Any, Any, Any, Any]:
+    """The G-MLLM pre-trained on ``world``'s simulated log: ``(base, group features, traffic log, grouper)``.
+
+    The base is cached under ``output_dir`` as ``alignment-base-<key>`` (:func:`base_key`) and reused by
+    every benchmark that simulates the same world with the same model and pre-training settings.
+    """
+    from rich.progress import Progress
+
+    from features.group import read_group_features
+    from learner.model.gmllm import GMLLM
+    from learner.pretrain import pretrain
+    from sim.logs import traffic_from_world
+
+    p = settings.pretrain
+    cache = output_dir / f"alignment-base-{base_key(world_file, settings)}"
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"simulating {p.impressions:,} impressions ({world.name})", total=None)
+        log, grouper = traffic_from_world(world, n_impressions=p.impressions, seed=p.traffic_seed,
+                                          creatives_per_product=p.creatives_per_product)
+        if (cache / "manifest.json").is_file():
+            progress.console.print(f"reusing the pre-trained base of this world and configuration: {cache}")
+            return GMLLM.load(cache), read_group_features(log), log, grouper
+        progress.update(task, description="pre-training the base", total=p.steps, completed=0)
+        base, data, _ = pretrain(log, settings, lambda step, *_: progress.update(task, completed=step))
+        base.save(cache)
+    return base, data.features, log, grouper
+
+
+def base_key(world_file: Path, settings: Any) -> str:
+    """Cache key of a pre-trained base: the world file's bytes and the model and pre-training settings."""
+    import hashlib
+
+    blob = json.dumps([settings.model.model_dump(mode="json"), settings.pretrain.model_dump(mode="json")],
+                      sort_keys=True).encode()
+    return hashlib.sha256(world_file.read_bytes() + blob).hexdigest()[:12]

@@ -109,12 +109,15 @@ class WorldCTR:
     last_per_product: dict[str, list[float]] = field(default_factory=dict)
     scorer: GMLLM | None = None
     draws: int = 1
+    """Served creatives chosen per product, each from its own sample of candidates (seeds differ): more
+    draws lower the variance of a group's figure; every model is drawn with the same seeds (paired)."""
     serve: str = "rerank"
     """What a group is served: ``rerank``, the candidate the click answer scores highest (one creative per
     product and draw); ``slate``, the whole sampled slate, each candidate alike: the mean CTR of the policy's
     own samples, what the creative client's Thompson sampling starts from before clicks favour the best."""
-    """Served creatives chosen per product, each from its own sample of candidates (seeds differ): more
-    draws lower the variance of a group's figure; every model is drawn with the same seeds (paired)."""
+    seed_offset: int = 0
+    """Added to every sampling seed: a judge with another offset draws independent samples (e.g. the truth
+    beside an estimate that uses offset 0)."""
 
     def groups(self) -> list[str]:
         """Groups that have both features and members."""
@@ -139,7 +142,7 @@ class WorldCTR:
             for index, product in enumerate(self.judged_products(group)):
                 for draw in range(max(1, self.draws)):
                     choice = choose_creative(gmllm, prefix, self.products[product.id], generation,
-                                             seed=index + 1_000 * draw, scorer=self.scorer)
+                                             seed=index + 1_000 * draw + self.seed_offset, scorer=self.scorer)
                     valid = [c.prompt for c in choice.candidates if c.prompt is not None]
                     values = [group_ctr(self.world, counts, product, p) for p in valid]
                     served_value = group_ctr(self.world, counts, product, choice.prompt)

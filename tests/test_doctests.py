@@ -22,6 +22,7 @@ MODULES = [
     "learner.dpo.data",
     "learner.dpo.heldout",
     "learner.loop",
+    "learner.estimate",
 ]
 
 

@@ -28,6 +28,12 @@ repeats and ``--rounds R`` on-policy rounds:
    prompts give the floor and the best of 200 random prompts per product the
    oracle ceiling.
 
+*Baselines* (``baselines``, ``--baselines kto``): more arms from the base, each
+with the group prefixes, the same slates, rounds, gate and judge as Group-DPO,
+learning from the slates' impressions with what TRL ships for clicks
+(:mod:`learner.baselines`: ``kto`` = TRL's KTO on single clicked / not-clicked
+impressions). They appear beside the others as ``KTO``.
+
 Figures are means ± sd over seeds of the per-seed mean over groups and
 worst group; ``lift_over_base`` = (Group-DPO − base) / base,
 ``oracle_lift_fraction`` = (Group-DPO − base) / (oracle − base).
@@ -42,13 +48,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.common import QUICK_MODEL, BenchOptions, print_table
+from learner.baselines.config import KTOBaselineConfig
 from learner.dpo.data import category_features  # noqa: F401 - re-exported for the tests and the bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +72,8 @@ QUICK_LEARNER: dict[str, Any] = {
     "loop": {"ctr_products_per_group": 2, "onpolicy_products": 2, "onpolicy_candidates": 6},
 }
 MODELS = ("base", "one-size DPO", "Group-DPO")
+BASELINE_ARMS: dict[str, str] = {"kto": "KTO"}
+"""``--baselines`` name -> the arm's name in tables and JSON (``summary.KTO`` …)."""
 
 
 @dataclass(frozen=True)
@@ -72,14 +81,33 @@ class AlignmentOptions(BenchOptions):
     """:class:`BenchOptions` plus ``seeds`` (repeats), ``rounds`` (on-policy rounds), ``gate``, ``rerank``
     (``live``: each model's own click head picks the served creative; ``base``: the frozen base's), ``serve``
     (``rerank``: that pick is served; ``slate``: the sampled slate, judged by its mean, see
-    :class:`sim.judge.WorldCTR`; default ``learner.loop.ctr_served``) and ``learner`` (overrides of the learner settings, nested dict, for experiments)."""
+    :class:`sim.judge.WorldCTR`; default ``learner.loop.ctr_served``), ``baselines`` (names of
+    :data:`BASELINE_ARMS`: arms beside Group-DPO, default none) and ``learner`` (overrides of the learner settings, nested dict, for experiments)."""
 
     seeds: int = 1
     rounds: int = 1
     gate: bool = True
     rerank: str = "live"
     serve: str | None = None
+    baselines: tuple[str, ...] = ()
     learner: dict[str, Any] = field(default_factory=dict)
+
+
+def check_baselines(names: Any) -> tuple[str, ...]:
+    """``names`` (a sequence, or one comma-separated string) as a tuple of known baselines, in order, once each.
+
+    Raises ``ValueError`` naming the option and the allowed values.
+    """
+    if isinstance(names, str):
+        names = [n for n in names.split(",")]
+    out: list[str] = []
+    for name in (str(n).strip().lower() for n in names or ()):
+        if name not in BASELINE_ARMS:
+            raise ValueError(f"baselines: unknown baseline {name!r}; choose from {', '.join(BASELINE_ARMS)} "
+                             f"(comma-separated, e.g. --baselines {','.join(BASELINE_ARMS)})")
+        if name not in out:
+            out.append(name)
+    return tuple(out)
 
 
 def run(options: BenchOptions) -> dict[str, Any]:
@@ -87,6 +115,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
     from infra.settings import LearnerSettings
     from learner.pretrain import torch_threads
 
+    check_baselines(getattr(options, "baselines", ()))
     base = QUICK_LEARNER if options.quick else {}
     overrides = getattr(options, "learner", {}) or {}
     settings = LearnerSettings(**_merge(base, overrides))
@@ -119,6 +148,8 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     seeds = max(1, int(getattr(options, "seeds", 1)))
     rounds = max(0, int(getattr(options, "rounds", 1)))
     gated = bool(getattr(options, "gate", True))
+    baselines = {BASELINE_ARMS[b]: b for b in check_baselines(getattr(options, "baselines", ()))}
+    models = MODELS + tuple(baselines)
     world_file = Path(options.world or WORLD_B)
     world = World.load(world_file)
     p = settings.pretrain
@@ -167,22 +198,28 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
                        serve=serve)
         for name, j in judges.items()
     } if gated else {}
+    for name in baselines:  # Group-DPO's judges: the same prefixes, products and draws
+        judges[name] = judge
+        if gated:
+            gate_judges[name] = gate_judges["Group-DPO"]
     gate = default_gate(settings)
 
     base_ctr = judge(base)
     base_sampled = dict(judge.last_sampled)
     # per model: per seed: per round (0 = base): ctr per group
-    series: dict[str, list[list[dict[str, float]]]] = {m: [] for m in MODELS[1:]}
-    sampled: dict[str, list[dict[str, float]]] = {m: [] for m in MODELS[1:]}
+    series: dict[str, list[list[dict[str, float]]]] = {m: [] for m in models[1:]}
+    sampled: dict[str, list[dict[str, float]]] = {m: [] for m in models[1:]}
     round_log: list[dict[str, Any]] = []
     for seed in range(seeds):
         arms = [
             Arm("one-size DPO", base, dict(one_size_features), dict(one_size_members), one_size=True),
             Arm("Group-DPO", base, {g: features[g] for g in groups}, {g: members[g] for g in groups},
                 one_size=False),
+            *(Arm(name, base, {g: features[g] for g in groups}, {g: members[g] for g in groups}, one_size=False,
+                  method=method) for name, method in baselines.items()),
         ]
         for arm in arms:
-            trace = [base_ctr if arm.name == "Group-DPO" else judges[arm.name](base)]
+            trace = [base_ctr if judges[arm.name] is judge else judges[arm.name](base)]
             live_sampled = dict(judges[arm.name].last_sampled)
             for number in range(1, rounds + 1):
                 with Progress(transient=True) as progress:
@@ -205,8 +242,10 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
                 figures["live_mean"] = round(float(np.mean([trace[-1][g] for g in groups])), 5)
                 figures["live_worst"] = round(min(trace[-1][g] for g in groups), 5)
                 round_log.append({"seed": seed, "model": arm.name, **figures})
-                progress_line = (f"seed {seed} round {number} {arm.name}: {figures['pairs']} pairs "
-                                 f"({figures.get('mirrored', 0)} mirrored, {figures.get('anchors', 0)} anchors), "
+                learned = (f"{figures.get('rows', 0)} rows of {figures['clicks']:,} clicks" if "method" in figures
+                           else f"{figures['pairs']} pairs ({figures.get('mirrored', 0)} mirrored, "
+                                f"{figures.get('anchors', 0)} anchors)")
+                progress_line = (f"seed {seed} round {number} {arm.name}: {learned}, "
                                  f"{'promoted' if figures['promoted'] else 'kept: ' + figures['reason']}; "
                                  f"live mean {figures['live_mean']:.4f} worst {figures['live_worst']:.4f}")
                 Console(stderr=True).print(progress_line, highlight=False)
@@ -221,7 +260,7 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     final = {m: [trace[-1] for trace in series[m]] for m in series}
     final["base"] = [base_ctr] * seeds
     summary: dict[str, dict[str, float]] = {}
-    for model in MODELS:
+    for model in models:
         means = [float(np.mean([c[g] for g in groups])) for c in final[model]]
         worsts = [min(c[g] for g in groups) for c in final[model]]
         (m, m_sd), (w, w_sd) = stats(means), stats(worsts)
@@ -243,7 +282,7 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     per_group: dict[str, dict[str, Any]] = {}
     for group in groups:
         entry: dict[str, Any] = {}
-        for model in MODELS:
+        for model in models:
             m, sd = stats([c[group] for c in final[model]])
             entry[model] = {"mean": round(m, 5), "sd": round(sd, 5)}
         g, g_sd = entry["Group-DPO"]["mean"], entry["Group-DPO"]["sd"]
@@ -277,21 +316,21 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
         majority, count = members[group].most_common(1)[0]
         rows.append([group, f"{majority} ({count / sum(members[group].values()):.0%})", pair_counts.get(group, 0),
                      random_ctr[group], *(f"{per_group[group][m]['mean']:.4f} ± {per_group[group][m]['sd']:.4f}"
-                                          for m in MODELS), oracle[group],
+                                          for m in models), oracle[group],
                      ("↑base " if per_group[group]["above_base_1sd"] else "") +
                      ("↑1size" if per_group[group]["above_one_size_1sd"] else "")])
     for label in ("mean", "worst"):
         rows.append(["mean of groups" if label == "mean" else "worst group", "", sum(pair_counts.values()),
                      summary["random"][label],
-                     *(pm(m, label) for m in MODELS), summary["oracle"][label], ""])
+                     *(pm(m, label) for m in models), summary["oracle"][label], ""])
     print_table(f"alignment on {world.name}: simulated CTR of the served creative per group after {rounds} "
                 f"on-policy round(s), mean ± sd over {seeds} seed(s)",
-                ["group", "majority segment", "pairs (all rounds)", "random", *MODELS, "oracle",
+                ["group", "majority segment", "pairs (all rounds)", "random", *models, "oracle",
                  "Group-DPO > (1 sd)"], rows)
     print_table("per round (live models, mean ± sd over seeds)", ["round", "model", "mean", "worst"],
                 [[r["round"], m, f"{r[m]['mean']:.4f} ± {r[m]['mean_sd']:.4f}",
                   f"{r[m]['worst']:.4f} ± {r[m]['worst_sd']:.4f}"] for r in per_round for m in series])
-    mean_ctr = {m: {g: float(np.mean([c[g] for c in final[m]])) for g in groups} for m in MODELS}
+    mean_ctr = {m: {g: float(np.mean([c[g] for c in final[m]])) for g in groups} for m in models}
     plot = _plot(options.output_dir / ("alignment-quick.png" if options.quick else "alignment.png"), world.name,
                  groups, {"random": random_ctr, **mean_ctr, "oracle": oracle})
     total_pairs = sum(pair_counts.values())
@@ -309,7 +348,7 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
         "pairs_per_group": dict(sorted(pair_counts.items())),
         "base_seconds": round(base_s, 1),
         "seconds": round(time.perf_counter() - started, 1),
-        "ctr_per_group": {m: {g: round(v, 5) for g, v in mean_ctr[m].items()} for m in MODELS},
+        "ctr_per_group": {m: {g: round(v, 5) for g, v in mean_ctr[m].items()} for m in models},
         "sampled_ctr_per_group": {"base": {g: round(v, 5) for g, v in base_sampled.items()},
                                   **{m: {g: round(float(np.mean([s[g] for s in sampled[m] if g in s])), 5)
                                          for g in groups} for m in sampled}},
@@ -330,9 +369,40 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     figures["group_vs_one_size_mean"] = round(g_sum["mean"] / one["mean"], 4)
     figures["group_vs_one_size_worst"] = round(g_sum["worst"] / one["worst"], 4)
     figures["group_vs_base_mean"] = round(g_sum["mean"] / b_sum["mean"], 4)
+    if baselines:
+        figures["baselines"] = _baseline_verdicts(summary, baselines)
+        figures["settings"]["baselines"] = {"kto": asdict(KTOBaselineConfig())} if "kto" in baselines.values() else {}
+        for name, verdict in figures["baselines"].items():
+            Console(stderr=True).print(verdict["verdict"], highlight=False)
     if not total_pairs:
         figures["note"] = "no preference pair was mined in any round; the fine-tunes stayed at the base"
     return figures
+
+
+def _baseline_verdicts(summary: dict[str, dict[str, float]], baselines: dict[str, str]) -> dict[str, Any]:
+    """Per baseline arm: its mean and worst group against Group-DPO's, and a one-line verdict.
+
+    A baseline *wins* when its mean over groups is above Group-DPO's by more than both arms' sd over seeds
+    (at least 1 % of Group-DPO's mean with one seed) and its worst group is not lower beyond the same margin.
+    """
+    g = summary["Group-DPO"]
+    out: dict[str, Any] = {}
+    for name, key in baselines.items():
+        b = summary[name]
+        margin_mean = max(b["mean_sd"], g["mean_sd"], 0.01 * g["mean"])
+        margin_worst = max(b["worst_sd"], g["worst_sd"], 0.01 * g["worst"])
+        wins = b["mean"] - g["mean"] > margin_mean and g["worst"] - b["worst"] <= margin_worst
+        loses = g["mean"] - b["mean"] > margin_mean
+        verdict = ("wins over" if wins else "loses to" if loses else "ties with")
+        out[name] = {
+            "option": key,
+            "mean_vs_group_dpo": round(b["mean"] / g["mean"], 4) if g["mean"] else float("nan"),
+            "worst_vs_group_dpo": round(b["worst"] / g["worst"], 4) if g["worst"] else float("nan"),
+            "wins": bool(wins),
+            "verdict": (f"{name} {verdict} Group-DPO: mean {b['mean']:.4f} vs {g['mean']:.4f}, worst group "
+                        f"{b['worst']:.4f} vs {g['worst']:.4f}"),
+        }
+    return out
 
 
 def _base_key(world_file: Path, settings: Any) -> str:

@@ -21,6 +21,12 @@ baseline) with its live model. :func:`onpolicy_round` runs one round for it:
    by simulated CTR per group on *other* products than the benchmark judges
    (``gate_judge``), each group within its interval; a refused candidate is
    dropped and the live model stays.
+
+A baseline arm (``Arm.method``) gets the same slates, traffic and gate but
+learns otherwise: ``kto`` fits TRL's KTO on single clicked / not-clicked
+impressions of the slates (:func:`learner.baselines.kto.fit_kto`) instead of
+mining pairs; slate traffic of the same live model from rounds whose candidate
+the gate refused is kept, as pairs are for Group-DPO.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any
 
 from features.group import GroupFeatures
 from infra.settings import LearnerSettings
+from learner.baselines.config import KTOBaselineConfig
 from learner.data import ProductRecord
 from learner.dpo.onpolicy import (
     best_winner_pairs,
@@ -47,7 +54,11 @@ from learner.model.gmllm import GMLLM
 from learner.round import gate_config, judged, judged_pair
 from sim.judge import WorldCTR, simulate_slate_traffic
 from sim.world import World
+from streams.ctr import CreativeStats
 from streams.pairs import PairMinerConfig
+
+METHODS = ("dpo", "kto")
+"""How an arm learns from its slates: Group-DPO on mined pairs, or a baseline (:mod:`learner.baselines`)."""
 
 
 @dataclass
@@ -56,7 +67,9 @@ class Arm:
 
     ``targets``: what the model reads per training target (group id or
     ``<category>/all``); ``target_members``: the world segments of each
-    target's users; ``one_size``: uniform pair weights, no anchors.
+    target's users; ``one_size``: uniform pair weights, no anchors;
+    ``method``: ``dpo`` (Group-DPO, or one-size DPO with ``one_size``) or a
+    baseline of :data:`METHODS`.
     """
 
     name: str
@@ -68,7 +81,13 @@ class Arm:
     """The live model's figures by the gate's judge (computed once per live model)."""
     history: list[dict[str, Any]] = field(default_factory=list)
     pending: list[Any] = field(default_factory=list)
-    """Pairs mined from the live model's own samples since it went live (kept while the gate refuses)."""
+    """Pairs mined from the live model's own samples since it went live (kept while the gate refuses); for a
+    baseline, the slate traffic (one counts dict per round)."""
+    method: str = "dpo"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"Arm.method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
 
 def slate_products(world: World, products: Mapping[str, ProductRecord], targets: Sequence[str],
@@ -102,6 +121,9 @@ def onpolicy_round(
                            max_new_tokens=settings.generation.max_new_tokens)
     stats = simulate_slate_traffic(world, arm.target_members, slates, loop.onpolicy_impressions,
                                    seed=seed * 1_000 + round_number)
+    if arm.method != "dpo":
+        return _baseline_round(arm, stats, slates, products, settings, seed=seed, round_number=round_number,
+                               gate_judge=gate_judge, gate=gate, started=started)
     categories = {pid: record.category for pid, record in products.items()}
     pairs = mine_slate_pairs(stats, categories, PairMinerConfig(), ts=round_number)
     mined = len(pairs)
@@ -134,6 +156,12 @@ def onpolicy_round(
     fit = fit_group_dpo(candidate, arm.model, pairs + mirrored, arm.targets, products, dpo, anchors=anchors,
                         pair_weights=weights)
     figures.update(steps=fit.steps, fit_seconds=round(fit.seconds, 1), anchors=fit.anchors)
+    return _gated(arm, candidate, figures, settings, gate_judge, gate, started)
+
+
+def _gated(arm: Arm, candidate: GMLLM, figures: dict[str, Any], settings: LearnerSettings,
+           gate_judge: WorldCTR | None, gate: GateConfig | None, started: float) -> dict[str, Any]:
+    """Step 6: the gate keeps ``candidate`` (the arm's new live model) or drops it; the round's figures."""
     if gate_judge is None:
         figures.update(promoted=True, reason="no gate")
         arm.model, arm.pending = candidate, []
@@ -152,6 +180,48 @@ def onpolicy_round(
     figures["seconds"] = round(time.perf_counter() - started, 1)
     arm.history.append(figures)
     return figures | {"candidate": candidate}
+
+
+def merged_stats(rounds: Sequence[Mapping[tuple[str, str], Mapping[str, CreativeStats]]]
+                 ) -> dict[tuple[str, str], dict[str, CreativeStats]]:
+    """Slate traffic of several rounds as one: counts of the same (group, product, creative) added."""
+    out: dict[tuple[str, str], dict[str, CreativeStats]] = {}
+    for stats in rounds:
+        for key, creatives in stats.items():
+            slate = out.setdefault(key, {})
+            for text, counts in creatives.items():
+                slate.setdefault(text, CreativeStats(0, 0)).add(counts)
+    return out
+
+
+def _baseline_round(arm: Arm, stats: dict[tuple[str, str], dict[str, CreativeStats]], slates: Mapping[Any, Any],
+                    products: Mapping[str, ProductRecord], settings: LearnerSettings, *, seed: int,
+                    round_number: int, gate_judge: WorldCTR | None, gate: GateConfig | None,
+                    started: float) -> dict[str, Any]:
+    """Steps 3–6 for a baseline arm: fit on the slates' impressions (this round's and those kept while the gate
+    refused), then the same gate."""
+    from learner.baselines.kto import fit_kto
+
+    arm.pending = [*arm.pending, stats]
+    traffic = merged_stats(arm.pending)
+    impressions = sum(c.impressions for slate in stats.values() for c in slate.values())
+    clicks = sum(c.clicks for slate in stats.values() for c in slate.values())
+    figures: dict[str, Any] = {
+        "round": round_number, "method": arm.method, "slates": len(slates),
+        "creatives": sum(len(s) for s in slates.values()), "impressions": impressions, "clicks": clicks,
+        "pairs": 0, "pairs_per_group": {}, "groups_without_pairs": [],
+    }
+    dpo = settings.dpo.model_copy(update={"seed": settings.dpo.seed + seed})
+    candidate = arm.model.copy()
+    try:
+        fit = fit_kto(candidate, arm.model, traffic, arm.targets, products, dpo, KTOBaselineConfig())
+    except ValueError as error:  # no click in any slate
+        figures.update(promoted=False, reason=str(error), rows=0, seconds=round(time.perf_counter() - started, 1))
+        arm.history.append(figures)
+        return figures | {"candidate": None}
+    figures.update(rows=fit.pairs, rows_per_group=fit.pairs_per_group, steps=fit.steps,
+                   fit_seconds=round(fit.seconds, 1))
+    return _gated(arm, candidate, figures, settings, gate_judge, gate, started)
 
 
 def default_gate(settings: LearnerSettings) -> GateConfig:

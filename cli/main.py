@@ -309,7 +309,7 @@ def demo(
 BENCHMARKS: dict[str, str] = {
     "streams": "bench.streams", "grouping": "bench.grouping", "freshness": "bench.freshness",
     "feature-read": "bench.feature_read", "pretrain": "bench.pretrain", "alignment": "bench.alignment",
-    "gate-estimate": "bench.gate_estimate", "group-dpo": "bench.group_dpo", "serving": "bench.serving", "loop": "bench.loop",
+    "group-dpo": "bench.group_dpo", "serving": "bench.serving", "loop": "bench.loop",
 }
 """Benchmark name -> module under ``bench/`` exposing ``run(BenchOptions) -> dict``."""
 
@@ -341,6 +341,11 @@ def bench(
                                       "rerank (the creative the click answer picks of the samples); default "
                                       "learner.loop.ctr_served (slate).")
     ] = None,
+    baselines: Annotated[
+        str | None, typer.Option(help="alignment: comma-separated baselines run as more arms beside Group-DPO, "
+                                      "with the same slates, rounds, gate and judge: kto (TRL's KTO on single "
+                                      "clicked / not-clicked impressions). Default: none.")
+    ] = None,
 ) -> None:
     """Run a benchmark; it prints a summary table and ends with one JSON line of figures."""
     import importlib
@@ -358,6 +363,15 @@ def bench(
     if world is not None and not world.is_file():
         typer.echo(f"error: --world {world}: no such file; give a world YAML (see docs/world.md)", err=True)
         raise typer.Exit(2)
+    chosen: tuple[str, ...] = ()
+    if name == "alignment" and baselines is not None:
+        from bench.alignment import check_baselines
+
+        try:
+            chosen = check_baselines(baselines)
+        except ValueError as error:
+            typer.echo(f"error: --{error}", err=True)
+            raise typer.Exit(2) from None
     settings = load_settings()
     options = BenchOptions(quick=quick, world=world, output_dir=settings.data_dir / "bench")
     if name == "alignment":
@@ -371,10 +385,11 @@ def bench(
             raise typer.Exit(2)
         options = AlignmentOptions(quick=quick, world=world, output_dir=options.output_dir, seeds=seeds or 1,
                                    rounds=1 if rounds is None else rounds, gate=gate, rerank=rerank or "live",
-                                   serve=serve)
-    elif seeds is not None or rounds is not None or not gate or rerank is not None or serve is not None:
-        typer.echo(f"error: --seeds, --rounds, --no-gate, --rerank and --serve are options of `osmf bench alignment`, "
-                   f"not {name!r}", err=True)
+                                   serve=serve, baselines=chosen)
+    elif (seeds is not None or rounds is not None or not gate or rerank is not None or serve is not None
+          or baselines is not None):
+        typer.echo(f"error: --seeds, --rounds, --no-gate, --rerank, --serve and --baselines are options of "
+                   f"`osmf bench alignment`, not {name!r}", err=True)
         raise typer.Exit(2)
     figures = importlib.import_module(BENCHMARKS[name]).run(options)
     emit_result(name, figures)

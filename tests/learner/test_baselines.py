@@ -78,3 +78,39 @@ def test_a_kto_fit_raises_the_clicked_creative_against_the_reference(tiny_gmllm,
     assert after[0] - before[0] > 0.5, (before, after)  # the clicked creative rises against the reference
     assert after[0] - before[0] > after[1] - before[1]  # and more than the one rarely clicked
     assert (reference.completion_logprobs(items) == before).all()  # the reference is not trained
+
+
+def test_the_alignment_bench_runs_kto_as_one_more_arm(tmp_path, one_thread) -> None:  # noqa: ANN001
+    from bench.alignment import AlignmentOptions, run
+    from tests.learner.test_onpolicy_bench import _small_world
+
+    figures = run(AlignmentOptions(
+        quick=True, world=_small_world(tmp_path), output_dir=tmp_path, seeds=1, rounds=1, baselines=("kto",),
+        learner={"pretrain": {"impressions": 8_000, "steps": 10}, "generation": {"candidates": 2},
+                 "dpo": {"max_steps": 4, "min_steps": 4},
+                 "loop": {"ctr_products_per_group": 1, "onpolicy_products": 1, "onpolicy_candidates": 4}}))
+    assert {"base", "one-size DPO", "Group-DPO", "KTO"} <= set(figures["summary"])
+    assert set(figures["ctr_per_group"]) == {"base", "one-size DPO", "Group-DPO", "KTO"}
+    assert {"mean", "mean_sd", "worst", "worst_sd"} <= set(figures["summary"]["KTO"])
+    assert all("KTO" in row for row in figures["per_round"])
+    assert all("KTO" in entry for entry in figures["per_group"].values())
+    kto = [e for e in figures["rounds_log"] if e["model"] == "KTO"]
+    assert len(kto) == 1 and kto[0]["method"] == "kto" and kto[0]["impressions"] > 0
+    assert kto[0]["rows"] > 0 and kto[0]["steps"] == 4  # the Group-DPO arm's step budget
+    assert figures["per_round"][0]["KTO"] == figures["per_round"][0]["Group-DPO"]  # both start from the base
+    assert figures["baselines"]["KTO"]["option"] == "kto" and "verdict" in figures["baselines"]["KTO"]
+
+
+def test_alignment_baselines_are_checked() -> None:
+    from typer.testing import CliRunner
+
+    from bench.alignment import check_baselines
+    from cli.main import app
+
+    assert check_baselines("kto, KTO") == ("kto",) and check_baselines(()) == ()
+    with pytest.raises(ValueError, match="baselines: unknown baseline 'ppo'; choose from kto"):
+        check_baselines(["ppo"])
+    result = CliRunner().invoke(app, ["bench", "alignment", "--baselines", "kto,ppo"])
+    assert result.exit_code == 2 and "--baselines: unknown baseline 'ppo'" in result.output
+    result = CliRunner().invoke(app, ["bench", "streams", "--baselines", "kto"])
+    assert result.exit_code == 2 and "are options of `osmf bench alignment`" in result.output

@@ -32,7 +32,8 @@ repeats and ``--rounds R`` on-policy rounds:
 with the group prefixes, the same slates, rounds, gate and judge as Group-DPO,
 learning from the slates' impressions with what TRL ships for clicks
 (:mod:`learner.baselines`: ``kto`` = TRL's KTO on single clicked / not-clicked
-impressions). They appear beside the others as ``KTO``.
+impressions; ``rloo`` = TRL's RLOO rewarded by the live model's click head,
+calibrated per group). They appear beside the others as ``KTO`` and ``RLOO``.
 
 Figures are means ± sd over seeds of the per-seed mean over groups and
 worst group; ``lift_over_base`` = (Group-DPO − base) / base,
@@ -55,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import QUICK_MODEL, BenchOptions, print_table
-from learner.baselines.config import KTOBaselineConfig
+from learner.baselines.config import KTOBaselineConfig, RLOOBaselineConfig
 from learner.dpo.data import category_features  # noqa: F401 - re-exported for the tests and the bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ QUICK_LEARNER: dict[str, Any] = {
     "loop": {"ctr_products_per_group": 2, "onpolicy_products": 2, "onpolicy_candidates": 6},
 }
 MODELS = ("base", "one-size DPO", "Group-DPO")
-BASELINE_ARMS: dict[str, str] = {"kto": "KTO"}
+BASELINE_ARMS: dict[str, str] = {"kto": "KTO", "rloo": "RLOO"}
 """``--baselines`` name -> the arm's name in tables and JSON (``summary.KTO`` …)."""
 
 
@@ -242,10 +243,7 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
                 figures["live_mean"] = round(float(np.mean([trace[-1][g] for g in groups])), 5)
                 figures["live_worst"] = round(min(trace[-1][g] for g in groups), 5)
                 round_log.append({"seed": seed, "model": arm.name, **figures})
-                learned = (f"{figures.get('rows', 0)} rows of {figures['clicks']:,} clicks" if "method" in figures
-                           else f"{figures['pairs']} pairs ({figures.get('mirrored', 0)} mirrored, "
-                                f"{figures.get('anchors', 0)} anchors)")
-                progress_line = (f"seed {seed} round {number} {arm.name}: {learned}, "
+                progress_line = (f"seed {seed} round {number} {arm.name}: {_learned_from(figures)}, "
                                  f"{'promoted' if figures['promoted'] else 'kept: ' + figures['reason']}; "
                                  f"live mean {figures['live_mean']:.4f} worst {figures['live_worst']:.4f}")
                 Console(stderr=True).print(progress_line, highlight=False)
@@ -371,12 +369,25 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     figures["group_vs_base_mean"] = round(g_sum["mean"] / b_sum["mean"], 4)
     if baselines:
         figures["baselines"] = _baseline_verdicts(summary, baselines)
-        figures["settings"]["baselines"] = {"kto": asdict(KTOBaselineConfig())} if "kto" in baselines.values() else {}
+        configs = {"kto": KTOBaselineConfig(),
+                   "rloo": RLOOBaselineConfig(max_completion_length=settings.generation.max_new_tokens)}
+        figures["settings"]["baselines"] = {key: asdict(configs[key]) for key in baselines.values()}
         for name, verdict in figures["baselines"].items():
             Console(stderr=True).print(verdict["verdict"], highlight=False)
     if not total_pairs:
         figures["note"] = "no preference pair was mined in any round; the fine-tunes stayed at the base"
     return figures
+
+
+def _learned_from(figures: dict[str, Any]) -> str:
+    """What an arm's round learned from, for the progress line."""
+    method = figures.get("method")
+    if method == "kto":
+        return f"{figures.get('rows', 0)} rows of {figures['clicks']:,} clicks"
+    if method == "rloo":
+        return f"{figures.get('prompts', 0)} prompts, valid share {figures.get('valid_share')}"
+    return (f"{figures['pairs']} pairs ({figures.get('mirrored', 0)} mirrored, "
+            f"{figures.get('anchors', 0)} anchors)")
 
 
 def _baseline_verdicts(summary: dict[str, dict[str, float]], baselines: dict[str, str]) -> dict[str, Any]:

@@ -25,7 +25,9 @@ baseline) with its live model. :func:`onpolicy_round` runs one round for it:
 A baseline arm (``Arm.method``) gets the same slates, traffic and gate but
 learns otherwise: ``kto`` fits TRL's KTO on single clicked / not-clicked
 impressions of the slates (:func:`learner.baselines.kto.fit_kto`) instead of
-mining pairs; slate traffic of the same live model from rounds whose candidate
+mining pairs; ``rloo`` fits TRL's RLOO on the slates' prompts with the live
+model's click head, calibrated per group on the slates, as the reward
+(:func:`learner.baselines.rloo.fit_rloo`); slate traffic of the same live model from rounds whose candidate
 the gate refused is kept, as pairs are for Group-DPO.
 """
 
@@ -39,7 +41,7 @@ from typing import Any
 
 from features.group import GroupFeatures
 from infra.settings import LearnerSettings
-from learner.baselines.config import KTOBaselineConfig
+from learner.baselines.config import KTOBaselineConfig, RLOOBaselineConfig
 from learner.data import ProductRecord
 from learner.dpo.onpolicy import (
     best_winner_pairs,
@@ -57,7 +59,7 @@ from sim.world import World
 from streams.ctr import CreativeStats
 from streams.pairs import PairMinerConfig
 
-METHODS = ("dpo", "kto")
+METHODS = ("dpo", "kto", "rloo")
 """How an arm learns from its slates: Group-DPO on mined pairs, or a baseline (:mod:`learner.baselines`)."""
 
 
@@ -201,6 +203,7 @@ def _baseline_round(arm: Arm, stats: dict[tuple[str, str], dict[str, CreativeSta
     """Steps 3–6 for a baseline arm: fit on the slates' impressions (this round's and those kept while the gate
     refused), then the same gate."""
     from learner.baselines.kto import fit_kto
+    from learner.baselines.rloo import fit_rloo
 
     arm.pending = [*arm.pending, stats]
     traffic = merged_stats(arm.pending)
@@ -214,13 +217,20 @@ def _baseline_round(arm: Arm, stats: dict[tuple[str, str], dict[str, CreativeSta
     dpo = settings.dpo.model_copy(update={"seed": settings.dpo.seed + seed})
     candidate = arm.model.copy()
     try:
-        fit = fit_kto(candidate, arm.model, traffic, arm.targets, products, dpo, KTOBaselineConfig())
-    except ValueError as error:  # no click in any slate
+        if arm.method == "kto":
+            fit = fit_kto(candidate, arm.model, traffic, arm.targets, products, dpo, KTOBaselineConfig())
+            figures.update(rows=fit.pairs, rows_per_group=fit.pairs_per_group)
+        else:
+            fit, extra = fit_rloo(candidate, arm.model, traffic, arm.targets, products, dpo,
+                                  RLOOBaselineConfig(max_completion_length=settings.generation.max_new_tokens))
+            figures.update(prompts=fit.pairs, valid_share=extra["valid_share"], completions=extra["completions"],
+                           calibration=extra["calibration"],
+                           reward_first_last=[round(r, 5) for r in extra["rewards"][:1] + extra["rewards"][-1:]])
+    except ValueError as error:  # no click (KTO) or no known slate
         figures.update(promoted=False, reason=str(error), rows=0, seconds=round(time.perf_counter() - started, 1))
         arm.history.append(figures)
         return figures | {"candidate": None}
-    figures.update(rows=fit.pairs, rows_per_group=fit.pairs_per_group, steps=fit.steps,
-                   fit_seconds=round(fit.seconds, 1))
+    figures.update(steps=fit.steps, fit_seconds=round(fit.seconds, 1))
     return _gated(arm, candidate, figures, settings, gate_judge, gate, started)
 
 

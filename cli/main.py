@@ -344,7 +344,8 @@ def bench(
     baselines: Annotated[
         str | None, typer.Option(help="alignment: comma-separated baselines run as more arms beside Group-DPO, "
                                       "with the same slates, rounds, gate and judge: kto (TRL's KTO on single "
-                                      "clicked / not-clicked impressions). Default: none.")
+                                      "clicked / not-clicked impressions), rloo (TRL's RLOO rewarded by the live "
+                                      "model's click head, calibrated per group). Default: none.")
     ] = None,
 ) -> None:
     """Run a benchmark; it prints a summary table and ends with one JSON line of figures."""

@@ -6,6 +6,6 @@
   click head, calibrated per group, as the reward.
 """
 
-from learner.baselines.config import BASELINES, KTOBaselineConfig
+from learner.baselines.config import BASELINES, KTOBaselineConfig, RLOOBaselineConfig
 
-__all__ = ["BASELINES", "KTOBaselineConfig"]
+__all__ = ["BASELINES", "KTOBaselineConfig", "RLOOBaselineConfig"]

@@ -48,3 +48,29 @@ class KTOBaselineConfig:
             raise ValueError(f"desirable_weight must be > 0, got {self.desirable_weight}")
         if self.undesirable_weight <= 0:
             raise ValueError(f"undesirable_weight must be > 0, got {self.undesirable_weight}")
+
+
+@dataclass(frozen=True)
+class RLOOBaselineConfig:
+    """TRL's RLOO on the slates' prompts (:func:`learner.baselines.rloo.fit_rloo`).
+
+    Parameters
+    ----------
+    num_generations
+        Completions per prompt: RLOO's leave-one-out group (TRL's ``num_generations``).
+    beta
+        TRL's KL coefficient to the reference (the live model); TRL's default.
+    max_completion_length
+        Tokens a sampled completion may have (``generation.max_new_tokens`` of serving is 64).
+    """
+
+    num_generations: int = 4
+    beta: float = 0.05
+    max_completion_length: int = 64
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (RLOO's baseline is the other completions), "
+                             f"got {self.num_generations}")
+        if self.beta < 0 or self.max_completion_length < 1:
+            raise ValueError("beta must be >= 0 and max_completion_length >= 1")

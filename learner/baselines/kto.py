@@ -59,7 +59,8 @@ from learner.model.inputs import generation_input
 from streams.ctr import CreativeStats
 
 SlateStats = Mapping[tuple[str, str], Mapping[str, CreativeStats]]
-"""(group id, product id) -> creative prompt text -> impressions and clicks (:func:`sim.judge.simulate_slate_traffic`)."""
+"""(group id, product id) -> creative prompt text -> impressions and clicks
+(:func:`sim.judge.simulate_slate_traffic`)."""
 
 COLUMNS = ("prompt", "images", "completion", "label", "group_id", "product_id")
 

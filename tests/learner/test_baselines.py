@@ -114,3 +114,40 @@ def test_alignment_baselines_are_checked() -> None:
     assert result.exit_code == 2 and "--baselines: unknown baseline 'ppo'" in result.output
     result = CliRunner().invoke(app, ["bench", "streams", "--baselines", "kto"])
     assert result.exit_code == 2 and "are options of `osmf bench alignment`" in result.output
+
+
+def test_rloo_prompt_renders_as_our_generation_input_and_the_reward_is_the_calibrated_click_head(
+        tiny_gmllm) -> None:  # noqa: ANN001
+    import copy
+
+    from learner.baselines.rloo import CHAT_TEMPLATE, ClickReward, conversation
+    from learner.model.inputs import generation_input
+
+    processor = copy.copy(tiny_gmllm.processor)
+    processor.chat_template = CHAT_TEMPLATE
+    turn = conversation(PREFIX["mugs/g0"], PRODUCTS["mug-0"])
+    assert processor.apply_chat_template(turn, tokenize=False) == generation_input(PREFIX["mugs/g0"], PRODUCTS["mug-0"])
+    assert tiny_gmllm.processor.chat_template is None  # the model's own processor is untouched
+    (good,) = _creatives(1)
+    reward = ClickReward(tiny_gmllm, PREFIX, PRODUCTS, {"mugs/g0": 0.5})
+    values = reward([turn, turn], [[{"role": "assistant", "content": good}], [{"role": "assistant", "content": "bg"}]],
+                    group_id=["mugs/g0", "mugs/g0"], product_id=["mug-0", "mug-0"])
+    head = tiny_gmllm.click_probability([(PREFIX["mugs/g0"], PRODUCTS["mug-0"], good)])[0]
+    assert values[0] == pytest.approx(0.5 * head) and values[1] == 0.0  # an invalid creative earns nothing
+    assert (reward.seen, reward.valid) == (2, 1)
+
+
+def test_an_rloo_fit_runs_on_the_llava_model(tiny_gmllm, one_thread) -> None:  # noqa: ANN001
+    from learner.baselines.config import RLOOBaselineConfig
+    from learner.baselines.rloo import fit_rloo
+
+    a, b = _creatives(2, seed=5)
+    stats = {("mugs/g0", p): {a: CreativeStats(2000, 100), b: CreativeStats(2000, 20)} for p in PRODUCTS}
+    policy, reference = tiny_gmllm.copy(), tiny_gmllm.copy()
+    fit, extra = fit_rloo(policy, reference, stats, PREFIX, PRODUCTS, DPOSettings(max_steps=2, min_steps=2),
+                          RLOOBaselineConfig(num_generations=2, max_completion_length=24))
+    assert fit.steps == 2 and fit.pairs == 2 and extra["completions"] >= 4
+    assert 0.0 <= extra["valid_share"] <= 1.0
+    # calibration: the head's mean over the logged slate times the factor is the slate's observed CTR (0.03)
+    items = [(PREFIX["mugs/g0"], PRODUCTS[p], t) for p in sorted(PRODUCTS) for t in sorted((a, b))]
+    assert extra["calibration"]["mugs/g0"] * reference.click_probability(items).mean() == pytest.approx(0.03, rel=1e-3)

@@ -83,7 +83,8 @@ class AlignmentOptions(BenchOptions):
     (``live``: each model's own click head picks the served creative; ``base``: the frozen base's), ``serve``
     (``rerank``: that pick is served; ``slate``: the sampled slate, judged by its mean, see
     :class:`sim.judge.WorldCTR`; default ``learner.loop.ctr_served``), ``baselines`` (names of
-    :data:`BASELINE_ARMS`: arms beside Group-DPO, default none) and ``learner`` (overrides of the learner settings, nested dict, for experiments)."""
+    :data:`BASELINE_ARMS`: arms beside Group-DPO, default none), ``baseline_settings`` (per baseline name,
+    fields of its :mod:`learner.baselines.config` dataclass, for experiments) and ``learner`` (overrides of the learner settings, nested dict, for experiments)."""
 
     seeds: int = 1
     rounds: int = 1
@@ -91,7 +92,19 @@ class AlignmentOptions(BenchOptions):
     rerank: str = "live"
     serve: str | None = None
     baselines: tuple[str, ...] = ()
+    baseline_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     learner: dict[str, Any] = field(default_factory=dict)
+
+
+def baseline_configs(names: tuple[str, ...], overrides: dict[str, dict[str, Any]], settings: Any) -> dict[str, Any]:
+    """The configuration of each baseline in ``names``: its defaults (RLOO's completions as long as served
+    ones) with ``overrides[name]``. Raises ``ValueError`` for settings of a baseline not asked for."""
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(f"baseline_settings: {', '.join(unknown)} not among the baselines run ({', '.join(names)})")
+    defaults = {"kto": (KTOBaselineConfig, {}),
+                "rloo": (RLOOBaselineConfig, {"max_completion_length": settings.generation.max_new_tokens})}
+    return {n: defaults[n][0](**{**defaults[n][1], **overrides.get(n, {})}) for n in names}
 
 
 def check_baselines(names: Any) -> tuple[str, ...]:
@@ -116,10 +129,12 @@ def run(options: BenchOptions) -> dict[str, Any]:
     from infra.settings import LearnerSettings
     from learner.pretrain import torch_threads
 
-    check_baselines(getattr(options, "baselines", ()))
     base = QUICK_LEARNER if options.quick else {}
     overrides = getattr(options, "learner", {}) or {}
     settings = LearnerSettings(**_merge(base, overrides))
+    # checked before any pre-training: unknown names or fields fail at once
+    baseline_configs(check_baselines(getattr(options, "baselines", ())), getattr(options, "baseline_settings", {})
+                     or {}, settings)
     with torch_threads(settings.threads):
         return _run(options, settings)
 
@@ -150,6 +165,7 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     rounds = max(0, int(getattr(options, "rounds", 1)))
     gated = bool(getattr(options, "gate", True))
     baselines = {BASELINE_ARMS[b]: b for b in check_baselines(getattr(options, "baselines", ()))}
+    configs = baseline_configs(tuple(baselines.values()), getattr(options, "baseline_settings", {}) or {}, settings)
     models = MODELS + tuple(baselines)
     world_file = Path(options.world or WORLD_B)
     world = World.load(world_file)
@@ -217,7 +233,7 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
             Arm("Group-DPO", base, {g: features[g] for g in groups}, {g: members[g] for g in groups},
                 one_size=False),
             *(Arm(name, base, {g: features[g] for g in groups}, {g: members[g] for g in groups}, one_size=False,
-                  method=method) for name, method in baselines.items()),
+                  method=method, config=configs[method]) for name, method in baselines.items()),
         ]
         for arm in arms:
             trace = [base_ctr if judges[arm.name] is judge else judges[arm.name](base)]
@@ -369,9 +385,7 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     figures["group_vs_base_mean"] = round(g_sum["mean"] / b_sum["mean"], 4)
     if baselines:
         figures["baselines"] = _baseline_verdicts(summary, baselines)
-        configs = {"kto": KTOBaselineConfig(),
-                   "rloo": RLOOBaselineConfig(max_completion_length=settings.generation.max_new_tokens)}
-        figures["settings"]["baselines"] = {key: asdict(configs[key]) for key in baselines.values()}
+        figures["settings"]["baselines"] = {key: asdict(config) for key, config in configs.items()}
         for name, verdict in figures["baselines"].items():
             Console(stderr=True).print(verdict["verdict"], highlight=False)
     if not total_pairs:

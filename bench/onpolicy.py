@@ -71,7 +71,8 @@ class Arm:
     ``<category>/all``); ``target_members``: the world segments of each
     target's users; ``one_size``: uniform pair weights, no anchors;
     ``method``: ``dpo`` (Group-DPO, or one-size DPO with ``one_size``) or a
-    baseline of :data:`METHODS`.
+    baseline of :data:`METHODS`; ``config``: the baseline's configuration
+    (:mod:`learner.baselines.config`; ``None``: its defaults).
     """
 
     name: str
@@ -86,6 +87,7 @@ class Arm:
     """Pairs mined from the live model's own samples since it went live (kept while the gate refuses); for a
     baseline, the slate traffic (one counts dict per round)."""
     method: str = "dpo"
+    config: Any = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -218,11 +220,12 @@ def _baseline_round(arm: Arm, stats: dict[tuple[str, str], dict[str, CreativeSta
     candidate = arm.model.copy()
     try:
         if arm.method == "kto":
-            fit = fit_kto(candidate, arm.model, traffic, arm.targets, products, dpo, KTOBaselineConfig())
+            fit = fit_kto(candidate, arm.model, traffic, arm.targets, products, dpo,
+                          arm.config or KTOBaselineConfig())
             figures.update(rows=fit.pairs, rows_per_group=fit.pairs_per_group)
         else:
-            fit, extra = fit_rloo(candidate, arm.model, traffic, arm.targets, products, dpo,
-                                  RLOOBaselineConfig(max_completion_length=settings.generation.max_new_tokens))
+            config = arm.config or RLOOBaselineConfig(max_completion_length=settings.generation.max_new_tokens)
+            fit, extra = fit_rloo(candidate, arm.model, traffic, arm.targets, products, dpo, config)
             figures.update(prompts=fit.pairs, valid_share=extra["valid_share"], completions=extra["completions"],
                            calibration=extra["calibration"],
                            reward_first_last=[round(r, 5) for r in extra["rewards"][:1] + extra["rewards"][-1:]])

@@ -32,12 +32,16 @@ class KTOBaselineConfig:
         [1, 4/3]). The per-slate draw makes the classes equal, so it is 1.
     undesirable_weight
         TRL's ``undesirable_weight``.
+    steps
+        Optimizer steps of a fit; ``None``: Group-DPO's rule on the number of
+        rows (:func:`learner.dpo.train.fit_steps`, capped by ``dpo.max_steps``).
     """
 
     rows_per_slate: int = 32
     loss_type: str = "kto"
     desirable_weight: float | None = None
     undesirable_weight: float = 1.0
+    steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.rows_per_slate < 1:
@@ -48,6 +52,8 @@ class KTOBaselineConfig:
             raise ValueError(f"desirable_weight must be > 0, got {self.desirable_weight}")
         if self.undesirable_weight <= 0:
             raise ValueError(f"undesirable_weight must be > 0, got {self.undesirable_weight}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 or None, got {self.steps}")
 
 
 @dataclass(frozen=True)
@@ -62,11 +68,19 @@ class RLOOBaselineConfig:
         TRL's KL coefficient to the reference (the live model); TRL's default.
     max_completion_length
         Tokens a sampled completion may have (``generation.max_new_tokens`` of serving is 64).
+    constrained
+        ``False`` (default): TRL samples as it ships, unconstrained, and a completion that does not parse
+        earns 0; ``True``: TRL's ``generate`` call gets our grammar as a logits processor
+        (:class:`learner.baselines.rloo.GrammarLogits`), so every completion parses, as served.
+    steps
+        Optimizer steps of a fit; ``None``: Group-DPO's rule on prompts × generations.
     """
 
     num_generations: int = 4
     beta: float = 0.05
     max_completion_length: int = 64
+    constrained: bool = False
+    steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:

@@ -51,6 +51,7 @@ import numpy as np
 
 from features.group import GroupFeatures
 from infra.settings import DPOSettings
+from learner.baselines.common import fit_summary, log_collector, trainer_arguments
 from learner.baselines.config import KTOBaselineConfig
 from learner.data import ProductRecord
 from learner.dpo.train import FitResult, fit_steps
@@ -119,32 +120,16 @@ def class_weights(labels: list[bool], config: KTOBaselineConfig) -> tuple[float,
 
 def kto_config(settings: DPOSettings, output_dir: str | Path, steps: int, config: KTOBaselineConfig,
                desirable_weight: float, undesirable_weight: float) -> Any:
-    """TRL's ``KTOConfig`` of a fit: CPU, fp32, no checkpointing, no saving, no reporting; Group-DPO's lr, β, batch."""
+    """TRL's ``KTOConfig`` of a fit: Group-DPO's arguments (:func:`learner.baselines.common.trainer_arguments`)
+    and batch size, KTO's loss type and class weights."""
     from trl import KTOConfig
 
     return KTOConfig(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="steps",
-        logging_steps=max(1, steps // 20),
-        disable_tqdm=True,
+        **trainer_arguments(settings, output_dir, steps),
         per_device_train_batch_size=max(2, settings.batch_size),  # KTO's KL term needs two rows a batch
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=min(10, max(0, steps // 10)),
-        max_steps=steps,
-        beta=settings.beta,
         loss_type=config.loss_type,
         desirable_weight=desirable_weight,
         undesirable_weight=undesirable_weight,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        dataloader_num_workers=0,
         max_length=None,
     )
 
@@ -163,13 +148,13 @@ def fit_kto(
 ) -> FitResult:
     """Train ``policy`` (in place) with TRL's KTO against ``reference`` on rows of ``stats`` (:func:`kto_rows`).
 
-    Steps: ``steps``, or Group-DPO's rule on the number of rows
+    Steps: ``steps``, ``config.steps``, or Group-DPO's rule on the number of rows
     (:func:`learner.dpo.train.fit_steps`: ``epochs`` passes, at least
     ``min_steps``, at most ``max_steps``). ``FitResult.pairs`` counts rows.
     Raises ``ValueError`` when the slates give no row (no click anywhere).
     """
     from datasets import Dataset
-    from transformers import PrinterCallback, TrainerCallback
+    from transformers import PrinterCallback
     from trl import KTOTrainer
 
     from learner.model.gmllm import _quiet_transformers
@@ -182,34 +167,16 @@ def fit_kto(
     order = np.random.default_rng(settings.seed).permutation(len(rows["label"]))
     dataset = Dataset.from_dict({c: [rows[c][i] for i in order] for c in ("prompt", "images", "completion", "label")})
     desirable_weight, undesirable_weight = class_weights(rows["label"], config)
-    total_steps = steps or fit_steps(len(dataset), settings)
+    total_steps = steps or config.steps or fit_steps(len(dataset), settings)
     history: list[dict[str, float]] = []
-
-    class _Collect(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                history.append({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
-                if on_log is not None:
-                    on_log(state.global_step, history[-1])
-
     with tempfile.TemporaryDirectory(prefix="osmf-kto-") as scratch:
         args = kto_config(settings, scratch, total_steps, config, desirable_weight, undesirable_weight)
         trainer = KTOTrainer(model=policy.model, ref_model=reference.model, processing_class=policy.processor,
-                             args=args, train_dataset=dataset, callbacks=[_Collect()])
+                             args=args, train_dataset=dataset, callbacks=[log_collector(history, on_log)])
         trainer.remove_callback(PrinterCallback)
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
     policy.model.eval()
-    groups = rows["group_id"]
-    counts = {g: groups.count(g) for g in sorted(set(groups))}
-    return FitResult(
-        steps=int(trainer.state.global_step),
-        pairs=len(groups),
-        seconds=seconds,
-        pairs_per_group=counts,
-        sampled_share={g: round(n / len(groups), 4) for g, n in counts.items()},
-        losses=[h["loss"] for h in history],
-        margins=[h.get("rewards/margins", float("nan")) for h in history],
-        pairs_seen=int(trainer.state.global_step) * args.per_device_train_batch_size,
-    )
+    return fit_summary(trainer, rows["group_id"], seconds, history, args.per_device_train_batch_size,
+                       "rewards/margins")

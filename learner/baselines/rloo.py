@@ -8,8 +8,12 @@ completion is rewarded with the frozen live model's click answer
 product, scaled per group so that its mean over the group's logged slate
 equals the group's observed CTR on it (:func:`learner.estimate.click_head_calibration`).
 A completion that does not parse as a canonical creative prompt gets reward 0
-(:func:`valid_share` reports how many parsed). RLOO's advantage is the
-reward minus the mean of the prompt's other completions.
+(the fit reports the valid share). RLOO's advantage is the reward minus the
+mean of the prompt's other completions. With ``constrained=True``
+(:class:`learner.baselines.config.RLOOBaselineConfig`) TRL's ``generate`` call
+gets our grammar as a logits processor (:class:`GrammarLogits`), so it samples
+as serving does; the loss still uses the model's unconstrained
+log-probabilities, as Group-DPO's does on constrained samples.
 
 Adapters, the smallest found for TRL 1.16 with our LLaVA model:
 
@@ -35,6 +39,7 @@ from typing import Any
 from features.group import GroupFeatures
 from infra.contracts.prompt import PromptError, parse_prompt
 from infra.settings import DPOSettings
+from learner.baselines.common import fit_summary, log_collector, trainer_arguments
 from learner.baselines.config import RLOOBaselineConfig
 from learner.baselines.kto import SlateStats
 from learner.data import ProductRecord
@@ -60,6 +65,42 @@ def conversation(group: GroupFeatures | str, product: ProductRecord) -> list[dic
     before, after = generation_input(group, product).split(IMAGE_TOKEN + "\n", 1)
     return [{"role": "user", "content": [{"type": "text", "text": before}, {"type": "image"},
                                          {"type": "text", "text": after}]}]
+
+
+class GrammarLogits:
+    """A ``transformers`` logits processor: only tokens that keep each row's completion a valid prompt prefix,
+    EOS only once it is complete (:meth:`learner.model.gmllm.GMLLM._constrain`, the serving grammar).
+
+    ``prompt_length``: the width of the (left-padded) prompt, so ``input_ids[:, prompt_length:]`` is the
+    completion so far.
+    """
+
+    def __init__(self, gmllm: GMLLM, prompt_length: int) -> None:
+        self.gmllm, self.prompt_length = gmllm, prompt_length
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        texts, done = [], []
+        for row in input_ids[:, self.prompt_length:].tolist():
+            finished = self.gmllm.eos_id in row
+            tokens = row[: row.index(self.gmllm.eos_id)] if finished else row
+            texts.append("".join(self.gmllm._token_text[t] for t in tokens))
+            done.append(finished)
+        return self.gmllm._constrain(scores, texts, done)
+
+
+def _constrained_generate(gmllm: GMLLM) -> Callable[..., Any]:
+    """``gmllm.model.generate`` with :class:`GrammarLogits` added (what TRL calls to sample completions)."""
+    from transformers import LogitsProcessorList
+
+    generate = gmllm.model.generate
+
+    def constrained(*args: Any, **kwargs: Any) -> Any:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        processors.append(GrammarLogits(gmllm, int(input_ids.shape[1])))
+        return generate(*args, logits_processor=processors, **kwargs)
+
+    return constrained
 
 
 def parses(text: str) -> bool:
@@ -121,7 +162,7 @@ def fit_rloo(
     One prompt per slate (group, product); steps as Group-DPO's rule on the number of prompts × generations.
     """
     from datasets import Dataset
-    from transformers import PrinterCallback, TrainerCallback
+    from transformers import PrinterCallback
     from trl import RLOOConfig, RLOOTrainer
 
     from learner.model.gmllm import _quiet_transformers
@@ -141,49 +182,32 @@ def fit_rloo(
     })
     # a batch holds whole groups of generations, of at most as many prompts as there are
     batch = config.num_generations * max(1, min(len(dataset), settings.batch_size // config.num_generations))
-    total_steps = steps or fit_steps(len(dataset) * config.num_generations, settings)
+    total_steps = steps or config.steps or fit_steps(len(dataset) * config.num_generations, settings)
     processor = copy.copy(policy.processor)
     processor.chat_template = CHAT_TEMPLATE
     history: list[dict[str, float]] = []
-
-    class _Collect(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                history.append({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
-                if on_log is not None:
-                    on_log(state.global_step, history[-1])
-
     with tempfile.TemporaryDirectory(prefix="osmf-rloo-") as scratch:
         reference.model.save_pretrained(f"{scratch}/reference", safe_serialization=True)
         name_or_path = policy.model.config._name_or_path
         policy.model.config._name_or_path = f"{scratch}/reference"
-        args = RLOOConfig(
-            output_dir=f"{scratch}/out", use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-            report_to=[], save_strategy="no", logging_strategy="steps", logging_steps=max(1, total_steps // 20),
-            disable_tqdm=True, per_device_train_batch_size=batch, num_generations=config.num_generations,
-            max_completion_length=config.max_completion_length, learning_rate=settings.learning_rate,
-            lr_scheduler_type="constant_with_warmup", warmup_steps=min(10, max(0, total_steps // 10)),
-            max_steps=total_steps, beta=config.beta, seed=settings.seed, data_seed=settings.seed,
-            dataloader_num_workers=0, temperature=1.0,
-        )
+        if config.constrained:  # an instance attribute: TRL's call to generate goes through the grammar
+            policy.model.generate = _constrained_generate(policy)
+        arguments = {**trainer_arguments(settings, f"{scratch}/out", total_steps),
+                     "beta": config.beta}  # RLOO's β is a KL coefficient, not DPO's temperature
+        args = RLOOConfig(**arguments, per_device_train_batch_size=batch, num_generations=config.num_generations,
+                          max_completion_length=config.max_completion_length, temperature=1.0)
         try:
             trainer = RLOOTrainer(model=policy.model, reward_funcs=reward, args=args, train_dataset=dataset,
-                                  processing_class=processor, callbacks=[_Collect()])
+                                  processing_class=processor, callbacks=[log_collector(history, on_log)])
             trainer.remove_callback(PrinterCallback)
             started = time.perf_counter()
             trainer.train()
             seconds = time.perf_counter() - started
         finally:
             policy.model.config._name_or_path = name_or_path
+            policy.model.__dict__.pop("generate", None)
     policy.model.eval()
-    groups = [s.group for s in slates]
-    counts = {g: groups.count(g) for g in sorted(set(groups))}
-    fit = FitResult(
-        steps=int(trainer.state.global_step), pairs=len(slates), seconds=seconds, pairs_per_group=counts,
-        sampled_share={g: round(n / len(groups), 4) for g, n in counts.items()},
-        losses=[h["loss"] for h in history], margins=[h.get("reward", float("nan")) for h in history],
-        pairs_seen=int(trainer.state.global_step) * batch,
-    )
+    fit = fit_summary(trainer, [s.group for s in slates], seconds, history, batch, "reward")
     extra = {"valid_share": round(reward.valid / reward.seen, 4) if reward.seen else float("nan"),
              "completions": reward.seen, "calibration": {g: round(v, 4) for g, v in calibration.items()},
              "rewards": [h.get("reward", float("nan")) for h in history]}

@@ -151,3 +151,23 @@ def test_an_rloo_fit_runs_on_the_llava_model(tiny_gmllm, one_thread) -> None:  #
     # calibration: the head's mean over the logged slate times the factor is the slate's observed CTR (0.03)
     items = [(PREFIX["mugs/g0"], PRODUCTS[p], t) for p in sorted(PRODUCTS) for t in sorted((a, b))]
     assert extra["calibration"]["mugs/g0"] * reference.click_probability(items).mean() == pytest.approx(0.03, rel=1e-3)
+    # with the serving grammar in TRL's generate call the untrained model's completions parse (all but those
+    # cut at the length limit); unconstrained, none did
+    assert extra["valid_share"] == 0.0
+    policy = tiny_gmllm.copy()
+    fit, extra = fit_rloo(policy, reference, stats, PREFIX, PRODUCTS, DPOSettings(max_steps=2, min_steps=2),
+                          RLOOBaselineConfig(num_generations=2, max_completion_length=96, constrained=True))
+    assert fit.steps == 2 and extra["valid_share"] >= 0.75
+    assert "generate" not in policy.model.__dict__  # the adapter is removed after the fit
+
+
+def test_baseline_settings_are_checked_before_any_work(tmp_path) -> None:  # noqa: ANN001
+    from bench.alignment import AlignmentOptions, run
+
+    with pytest.raises(ValueError, match="baseline_settings: rloo not among the baselines run"):
+        run(AlignmentOptions(quick=True, output_dir=tmp_path, baselines=("kto",),
+                             baseline_settings={"rloo": {"constrained": True}}))
+    with pytest.raises(TypeError, match="rows"):
+        run(AlignmentOptions(quick=True, output_dir=tmp_path, baselines=("kto",),
+                             baseline_settings={"kto": {"rows": 3}}))
+    assert not list(tmp_path.iterdir())

@@ -21,6 +21,10 @@ baseline) with its live model. :func:`onpolicy_round` runs one round for it:
    by simulated CTR per group on *other* products than the benchmark judges
    (``gate_judge``), each group within its interval; a refused candidate is
    dropped and the live model stays.
+7. repair (``learner.loop.repair_fits``): a candidate refused because groups
+   regressed is refitted from the live model without those groups' pairs
+   (they become groups without evidence, held by ``dpo.preserve``) and gated
+   again; the round's figures keep what the refused fits were refused for.
 
 A baseline arm (``Arm.method``) gets the same slates, traffic and gate but
 learns otherwise: ``kto`` fits TRL's KTO on single clicked / not-clicked
@@ -51,7 +55,7 @@ from learner.dpo.onpolicy import (
     with_margin,
 )
 from learner.dpo.train import fit_group_dpo
-from learner.gate import GateConfig, GroupFigures, decide
+from learner.gate import GateConfig, GroupFigures, decide, regressed_groups
 from learner.model.gmllm import GMLLM
 from learner.round import gate_config, judged, judged_pair
 from sim.judge import WorldCTR, simulate_slate_traffic
@@ -160,7 +164,30 @@ def onpolicy_round(
     fit = fit_group_dpo(candidate, arm.model, pairs + mirrored, arm.targets, products, dpo, anchors=anchors,
                         pair_weights=weights)
     figures.update(steps=fit.steps, fit_seconds=round(fit.seconds, 1), anchors=fit.anchors)
-    return _gated(arm, candidate, figures, settings, gate_judge, gate, started)
+    result = _gated(arm, candidate, figures, settings, gate_judge, gate, started)
+    held_back: list[str] = []
+    while not result["promoted"] and result.get("regressed") \
+            and result.get("repair", 0) < loop.repair_fits:
+        held_back = sorted({*held_back, *result["regressed"]})
+        held_targets = {f"{g.split('/', 1)[0]}/all" for g in held_back} if arm.one_size else set(held_back)
+        kept = [p for p in pairs if p.group_id not in held_targets]
+        if not kept:
+            break
+        arm.history.pop()  # the refused fit's figures are kept inside the repair's
+        held = protection_for(kept, arm.model, arm.targets, products, settings, seed * 1_000 + round_number,
+                              arm.one_size)
+        candidate = arm.model.copy()
+        weights = [1.0] * len(kept) + [max(settings.dpo.preserve_weight, 1e-6)] * len(held.mirrored)
+        fit = fit_group_dpo(candidate, arm.model, kept + held.mirrored, arm.targets, products, dpo,
+                            anchors=held.anchors, pair_weights=weights)
+        refused = {k: result[k] for k in ("reason", "gate_mean", "steps", "anchors", "mirrored") if k in result}
+        figures = {**figures, "repair": result.get("repair", 0) + 1, "held_back": held_back,
+                   "refused_before_repair": [*figures.get("refused_before_repair", []), refused],
+                   "steps": fit.steps, "anchors": fit.anchors, "mirrored": len(held.mirrored),
+                   "fit_seconds": round(figures.get("fit_seconds", 0) + fit.seconds, 1)}
+        figures.pop("regressed", None)
+        result = _gated(arm, candidate, figures, settings, gate_judge, gate, started)
+    return result
 
 
 def _gated(arm: Arm, candidate: GMLLM, figures: dict[str, Any], settings: LearnerSettings,
@@ -181,6 +208,8 @@ def _gated(arm: Arm, candidate: GMLLM, figures: dict[str, Any], settings: Learne
                        gate_mean=(round(decision.overall_incumbent, 5), round(decision.overall_candidate, 5)))
         if decision.promote:
             arm.model, arm.gate_figures, arm.pending = candidate, new_figures, []
+        else:
+            figures["regressed"] = regressed_groups(new_figures, arm.gate_figures, gate or GateConfig())
     figures["seconds"] = round(time.perf_counter() - started, 1)
     arm.history.append(figures)
     return figures | {"candidate": candidate}

@@ -360,6 +360,11 @@ class LoopSettings(BaseModel):
     pair_best_winner: bool = Field(
         False, description="On-policy pairs: keep per (group, product) only the pairs of the slate's best winner."
     )
+    repair_fits: int = Field(
+        0, ge=0, le=5, description="Gate: when a candidate is refused because groups regress, refit from the "
+        "incumbent up to this many times without those groups' pairs (they become groups without evidence, held "
+        "by dpo.preserve) and gate again; 0: off."
+    )
 
 
 class LearnerSettings(BaseModel):

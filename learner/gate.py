@@ -96,22 +96,44 @@ def decide(
     """
     judged = ctr_groups(candidate, incumbent)
     for group in sorted(candidate):
-        new, old = candidate[group], incumbent.get(group)
-        if old is None:
-            continue
-        if new.pairs >= config.min_group_pairs and new.accuracy < old.accuracy - config.accuracy_tolerance:
-            return _decision(False, f"group {group}: preference accuracy {new.accuracy:.3f} < "
-                             f"{old.accuracy:.3f} - {config.accuracy_tolerance} (incumbent)", candidate, incumbent, judged)
-        allowed = ctr_allowed_drop(new, old, config)
-        if group in judged and new.ctr < old.ctr - allowed:  # type: ignore[operator]
-            return _decision(False, f"group {group}: simulated CTR {new.ctr:.4f} < {old.ctr:.4f} - "
-                             f"{allowed:.4g} (incumbent)", candidate, incumbent, judged)
+        if (why := group_regression(group, candidate, incumbent, config, judged)) is not None:
+            return _decision(False, why, candidate, incumbent, judged)
     new_overall, old_overall = _overall(candidate, judged), _overall(incumbent, judged)
     if new_overall <= old_overall + config.min_gain:
         what = "mean simulated CTR" if judged else "preference accuracy"
         return _decision(False, f"overall {what} {new_overall:.4f} does not beat {old_overall:.4f}",
                          candidate, incumbent, judged)
     return _decision(True, "no group regressed and the overall figure improved", candidate, incumbent, judged)
+
+
+def group_regression(group: str, candidate: Mapping[str, GroupFigures], incumbent: Mapping[str, GroupFigures],
+                     config: GateConfig, judged: set[str] | None = None) -> str | None:
+    """Why ``group`` regresses from incumbent to candidate (its preference accuracy or simulated CTR falls
+    beyond tolerance), or None."""
+    new, old = candidate.get(group), incumbent.get(group)
+    if new is None or old is None:
+        return None
+    judged = ctr_groups(candidate, incumbent) if judged is None else judged
+    if new.pairs >= config.min_group_pairs and new.accuracy < old.accuracy - config.accuracy_tolerance:
+        return (f"group {group}: preference accuracy {new.accuracy:.3f} < {old.accuracy:.3f} - "
+                f"{config.accuracy_tolerance} (incumbent)")
+    allowed = ctr_allowed_drop(new, old, config)
+    if group in judged and new.ctr < old.ctr - allowed:  # type: ignore[operator]
+        return f"group {group}: simulated CTR {new.ctr:.4f} < {old.ctr:.4f} - {allowed:.4g} (incumbent)"
+    return None
+
+
+def regressed_groups(candidate: Mapping[str, GroupFigures], incumbent: Mapping[str, GroupFigures],
+                     config: GateConfig = GateConfig()) -> list[str]:
+    """Every group that regresses (:func:`group_regression`), sorted: what a repair fit holds at the incumbent.
+
+    >>> old = {"a": GroupFigures("a", 0, 0.5, 0.0, ctr=0.030), "b": GroupFigures("b", 0, 0.5, 0.0, ctr=0.020)}
+    >>> new = {"a": GroupFigures("a", 0, 0.5, 0.0, ctr=0.025), "b": GroupFigures("b", 0, 0.5, 0.0, ctr=0.026)}
+    >>> regressed_groups(new, old, GateConfig(ctr_tolerance=0.002))
+    ['a']
+    """
+    judged = ctr_groups(candidate, incumbent)
+    return [g for g in sorted(candidate) if group_regression(g, candidate, incumbent, config, judged) is not None]
 
 
 def ctr_allowed_drop(new: GroupFigures, old: GroupFigures, config: GateConfig) -> float:

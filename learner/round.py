@@ -14,6 +14,9 @@ fires (and what tests and benchmarks call directly):
 4. promote only if the gate passes (:func:`learner.gate.decide`): the
    candidate is saved as an artifact and published atomically as the next
    version (:func:`learner.publish.publish_version`, verified by its manifest);
+   a candidate refused because groups regress is first repaired
+   (``loop.repair_fits``): refitted without those groups' pairs, which makes
+   them groups without evidence held by ``dpo.preserve``, and gated again;
 5. append a :class:`learner.history.RoundRecord` to the history log.
 """
 
@@ -27,15 +30,16 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from infra.contracts.messages import PreferencePair
 from infra.settings import LearnerSettings
 from learner.buffer import PairBuffer
 from learner.data import ProductRecord
 from learner.dpo.heldout import heldout_figures
 from learner.dpo.onpolicy import protection_for
-from learner.dpo.train import fit_group_dpo
-from learner.gate import GateConfig, GateDecision, GroupFigures, decide
+from learner.dpo.train import FitResult, fit_group_dpo
+from learner.gate import GateConfig, GateDecision, GroupFigures, decide, regressed_groups
 from features.group import GroupFeatures
 from learner.history import RoundRecord, append_round
 from learner.model.artifact import verify_artifact
@@ -154,29 +158,51 @@ def run_round(
 
     if not train:
         return RoundOutcome(record("skipped: no training pairs", {}, incumbent_version, [], {}), None, None)
-    candidate = incumbent.copy()
-    held = protection_for(train, incumbent, features, products, settings, number, one_size)
-    mirrored = held.mirrored
-    weights = buffer.recency_weights(train).tolist() + [max(settings.dpo.preserve_weight, 1e-6)] * len(mirrored)
-    fit = fit_group_dpo(
-        candidate, incumbent, list(train) + mirrored, features, products, settings.dpo,
-        one_size=one_size, pair_weights=weights, on_log=on_log, anchors=held.anchors,
-    )
-    training = {
-        "mode": "one-size" if one_size else "group", "steps": fit.steps, "pairs": fit.pairs, "mirrored": len(mirrored),
-        "anchors": fit.anchors,
-        "seconds": round(fit.seconds, 2), "samples_per_s": round(fit.samples_per_s, 2),
-        "sampled_share": fit.sampled_share, "margins": fit.margins,
-    }
-    new, old = heldout_figures(candidate, incumbent, heldout, features, products, settings.dpo.beta, one_size)
-    if served_ctr is not None:
-        new_ctr, old_ctr = judged_pair(served_ctr, candidate, incumbent, one_size, loop.ctr_estimate)
-        new, old = _merge_ctr(new, new_ctr), _merge_ctr(old, old_ctr)
+    def fit_candidate(pairs: list[PreferencePair]) -> tuple[GMLLM, FitResult, dict[str, Any]]:
+        candidate = incumbent.copy()
+        held = protection_for(pairs, incumbent, features, products, settings, number, one_size)
+        mirrored = held.mirrored
+        weights = buffer.recency_weights(pairs).tolist() + [max(settings.dpo.preserve_weight, 1e-6)] * len(mirrored)
+        fit = fit_group_dpo(
+            candidate, incumbent, list(pairs) + mirrored, features, products, settings.dpo,
+            one_size=one_size, pair_weights=weights, on_log=on_log, anchors=held.anchors,
+        )
+        training = {
+            "mode": "one-size" if one_size else "group", "steps": fit.steps, "pairs": fit.pairs,
+            "mirrored": len(mirrored), "anchors": fit.anchors,
+            "seconds": round(fit.seconds, 2), "samples_per_s": round(fit.samples_per_s, 2),
+            "sampled_share": fit.sampled_share, "margins": fit.margins,
+        }
+        return candidate, fit, training
+
+    def judge(candidate: GMLLM) -> tuple[dict[str, GroupFigures], dict[str, GroupFigures]]:
+        new, old = heldout_figures(candidate, incumbent, heldout, features, products, settings.dpo.beta, one_size)
+        if served_ctr is not None:
+            new_ctr, old_ctr = judged_pair(served_ctr, candidate, incumbent, one_size, loop.ctr_estimate)
+            new, old = _merge_ctr(new, new_ctr), _merge_ctr(old, old_ctr)
+        return new, old
+
+    candidate, fit, training = fit_candidate(list(train))
+    new, old = judge(candidate)
     if not new:
         gate = {"promote": False, "reason": "no held-out pairs and no simulator: nothing to judge the candidate by"}
         return RoundOutcome(record("kept: " + gate["reason"], gate, incumbent_version, fit.losses, training),
                             None, None)
     decision = decide(new, old, gate_config(settings))
+    held_back: list[str] = []
+    refused: list[dict[str, Any]] = []
+    while not decision.promote and len(refused) < loop.repair_fits:
+        regressed = regressed_groups(new, old, gate_config(settings))
+        kept = [p for p in train if p.group_id not in {*held_back, *regressed}]
+        if not regressed or not kept:
+            break
+        held_back = sorted({*held_back, *regressed})
+        refused.append({"reason": decision.reason, "steps": fit.steps, "held_back_after": held_back})
+        candidate, fit, training = fit_candidate(kept)
+        new, old = judge(candidate)
+        decision = decide(new, old, gate_config(settings))
+    if refused:
+        training |= {"repairs": refused, "held_back": held_back}
     gate = dataclasses.asdict(decision)
     if not decision.promote:
         return RoundOutcome(record("kept: " + decision.reason, gate, incumbent_version, fit.losses, training),

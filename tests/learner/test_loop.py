@@ -182,6 +182,40 @@ def test_a_candidate_the_gate_refuses_publishes_nothing_and_the_reason_is_logged
     assert record["gate"]["promote"] is False and "simulated CTR" in record["gate"]["reason"]
 
 
+def test_a_candidate_refused_for_one_group_is_refitted_without_that_groups_pairs(tmp_path, base_artifact, tiny_log,  # noqa: ANN001
+                                                                                 features, pairs, one_thread) -> None:  # noqa: ANN001
+    settings = SETTINGS.model_copy(update={
+        "dpo": SETTINGS.dpo.model_copy(update={"max_steps": 2, "min_steps": 1, "preserve": "mirror"}),
+        "loop": SETTINGS.loop.model_copy(update={"accuracy_tolerance": 1.0, "repair_fits": 1}),
+    })
+    candidates: list[object] = []
+
+    def judge_for(round_features):  # noqa: ANN001, ANN202
+        incumbent = loop.incumbent
+
+        def served_ctr(gmllm, one_size=False):  # noqa: ANN001, ANN202 - the first fit lowers mugs/g0, the repair does not
+            if gmllm is incumbent:
+                return {g: 0.05 for g in round_features}
+            if gmllm not in candidates:
+                candidates.append(gmllm)
+            first = gmllm is candidates[0]
+            return {g: (0.01 if first and g == "mugs/g0" else 0.06) for g in round_features}
+
+        return served_ctr
+
+    loop = _loop(tmp_path, base_artifact, tiny_log, features, settings, judge=judge_for)
+    for pair in pairs[:60]:
+        loop.offer(pair)
+    summary = loop.train_round(now=1.0)
+
+    assert len(candidates) == 2 and summary.version == 2, "the repaired candidate is promoted"
+    [record] = read_rounds(loop.history)
+    training = record["training"]
+    assert training["held_back"] == ["mugs/g0"]
+    assert training["repairs"][0]["reason"].startswith("group mugs/g0: simulated CTR 0.0100 < 0.0500")
+    assert training["mirrored"] > 0, "mugs/g0, now without pairs, is held by mirrored pairs of mugs/g1"
+
+
 def test_group_features_come_from_the_traffic_log_when_the_store_is_off_or_not_applied(tmp_path, features) -> None:  # noqa: ANN001, E501
     for enabled in (False, True):
         settings = load_settings(data_dir=tmp_path, features={"enabled": enabled})

@@ -309,7 +309,8 @@ def demo(
 BENCHMARKS: dict[str, str] = {
     "streams": "bench.streams", "grouping": "bench.grouping", "freshness": "bench.freshness",
     "feature-read": "bench.feature_read", "pretrain": "bench.pretrain", "alignment": "bench.alignment",
-    "group-dpo": "bench.group_dpo", "serving": "bench.serving", "loop": "bench.loop",
+    "gate-estimate": "bench.gate_estimate", "group-dpo": "bench.group_dpo", "serving": "bench.serving",
+    "loop": "bench.loop",
 }
 """Benchmark name -> module under ``bench/`` exposing ``run(BenchOptions) -> dict``."""
 

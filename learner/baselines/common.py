@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from infra.settings import DPOSettings
-from learner.dpo.train import FitResult, dpo_config
+from learner.dpo.train import FitResult, dpo_config, log_collector  # noqa: F401 - log_collector re-exported for the baselines
 
 SHARED_ARGUMENTS = (
     "use_cpu", "bf16", "fp16", "gradient_checkpointing", "report_to", "save_strategy", "logging_strategy",
@@ -23,21 +23,6 @@ def trainer_arguments(settings: DPOSettings, output_dir: str | Path, steps: int)
     schedule, warm-up, β and seeds), so the arms differ only in what they learn from."""
     group_dpo = dpo_config(settings, output_dir, steps)
     return {"output_dir": str(output_dir), **{name: getattr(group_dpo, name) for name in SHARED_ARGUMENTS}}
-
-
-def log_collector(history: list[dict[str, float]],
-                  on_log: Callable[[int, dict[str, float]], None] | None = None) -> Any:
-    """A ``TrainerCallback`` that appends TRL's logged training figures to ``history`` (and calls ``on_log``)."""
-    from transformers import TrainerCallback
-
-    class _Collect(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                history.append({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
-                if on_log is not None:
-                    on_log(state.global_step, history[-1])
-
-    return _Collect()
 
 
 def fit_summary(trainer: Any, groups: Sequence[str], seconds: float, history: list[dict[str, float]],

@@ -130,7 +130,7 @@ def fit_group_dpo(
     (:func:`sft_coefficient`), and steps count pairs and those rows alike.
     They are ignored in one-size mode.
     """
-    from transformers import PrinterCallback, TrainerCallback
+    from transformers import PrinterCallback
 
     from learner.dpo.trainer import GroupDPOTrainer
     from learner.model.gmllm import _quiet_transformers
@@ -152,20 +152,12 @@ def fit_group_dpo(
         weights = weights + [1.0] * n_anchors
     total_steps = steps or fit_steps(len(dataset), settings)
     history: list[dict[str, float]] = []
-
-    class _Collect(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                history.append({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
-                if on_log is not None:
-                    on_log(state.global_step, history[-1])
-
     with tempfile.TemporaryDirectory(prefix="osmf-dpo-") as scratch:
         args = dpo_config(settings, scratch, total_steps, one_size, anchored=n_anchors > 0)
         cls = trainer_class or GroupDPOTrainer
         kwargs: dict[str, Any] = dict(
             model=policy.model, ref_model=reference.model, processing_class=policy.processor,
-            args=args, train_dataset=dataset, callbacks=[_Collect()],
+            args=args, train_dataset=dataset, callbacks=[log_collector(history, on_log)],
         )
         if cls is GroupDPOTrainer or issubclass(cls, GroupDPOTrainer):
             kwargs.update(pair_weights=weights, anchors=kl_anchors, anchor_weight=settings.preserve_kl_weight)
@@ -191,3 +183,18 @@ def fit_group_dpo(
         pairs_seen=int(trainer.state.global_step) * settings.batch_size,
         anchors=n_anchors or (len(kl_anchors) if kl_anchors is not None else 0),
     )
+
+
+def log_collector(history: list[dict[str, float]],
+                  on_log: Callable[[int, dict[str, float]], None] | None = None) -> Any:
+    """A ``TrainerCallback`` that appends TRL's logged training figures to ``history`` (and calls ``on_log``)."""
+    from transformers import TrainerCallback
+
+    class _Collect(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                history.append({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
+                if on_log is not None:
+                    on_log(state.global_step, history[-1])
+
+    return _Collect()

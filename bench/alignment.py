@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import QUICK_MODEL, BenchOptions, print_table
+from bench.common import QUICK_MODEL, BenchOptions, pretrained_base, print_table
 from learner.baselines.config import KTOBaselineConfig, RLOOBaselineConfig
 from learner.dpo.data import category_features  # noqa: F401 - re-exported for the tests and the bench
 
@@ -154,11 +154,7 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     from rich.progress import Progress
 
     from bench.onpolicy import Arm, default_gate, onpolicy_round
-    from features.group import read_group_features
-    from learner.model.gmllm import GMLLM
-    from learner.pretrain import pretrain
     from sim.judge import WorldCTR, group_members
-    from sim.logs import traffic_from_world
     from sim.world import World
 
     seeds = max(1, int(getattr(options, "seeds", 1)))
@@ -169,21 +165,8 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     models = MODELS + tuple(baselines)
     world_file = Path(options.world or WORLD_B)
     world = World.load(world_file)
-    p = settings.pretrain
     started = time.perf_counter()
-    cache = options.output_dir / f"alignment-base-{_base_key(world_file, settings)}"
-    with Progress(transient=True) as progress:
-        task = progress.add_task(f"simulating {p.impressions:,} impressions ({world.name})", total=None)
-        train_log, grouper = traffic_from_world(world, n_impressions=p.impressions, seed=p.traffic_seed,
-                                                creatives_per_product=p.creatives_per_product)
-        if (cache / "manifest.json").is_file():
-            base, features = GMLLM.load(cache), read_group_features(train_log)
-            progress.console.print(f"reusing the pre-trained base of this world and configuration: {cache}")
-        else:
-            progress.update(task, description="pre-training the base", total=p.steps, completed=0)
-            base, data, _ = pretrain(train_log, settings, lambda step, *_: progress.update(task, completed=step))
-            features = data.features
-            base.save(cache)
+    base, features, train_log, grouper = pretrained_base(world, world_file, settings, options.output_dir)
     base_s = time.perf_counter() - started
     products = train_log.products
     members = group_members(world, grouper)
@@ -428,16 +411,6 @@ def _baseline_verdicts(summary: dict[str, dict[str, float]], baselines: dict[str
                         f"{b['worst']:.4f} vs {g['worst']:.4f}"),
         }
     return out
-
-
-def _base_key(world_file: Path, settings: Any) -> str:
-    """Cache key of a pre-trained base: the world file's bytes and the model and pre-training settings."""
-    import hashlib
-    import json
-
-    blob = json.dumps([settings.model.model_dump(mode="json"), settings.pretrain.model_dump(mode="json")],
-                      sort_keys=True).encode()
-    return hashlib.sha256(world_file.read_bytes() + blob).hexdigest()[:12]
 
 
 def _plot(path: Path, world: str, groups: list[str], series: dict[str, dict[str, float]]) -> Path:

@@ -17,7 +17,10 @@ per group, against the world's truth:
 4. *Estimates* per (model, group), each over those products:
    ``ips`` (importance-weighted observed CTR of the logged slates),
    ``click_head`` (the base's click head, calibrated per group on the logged
-   clicks, over the model's own samples), and, as the reference a production
+   clicks, over the model's own samples), ``attributes`` (a per-group logistic
+   regression of clicks on creative attributes, fitted on the pre-training
+   traffic log and the logged slates, over the model's own samples; the
+   direct method), and, as the reference a production
    gate does not have, ``resample`` (the simulated CTR of the model's own
    samples, ``ctr_draws_per_product`` draws: the benchmark's gate).
 5. *Truth*: the expected CTR of the model's served slate on the same products,
@@ -30,8 +33,10 @@ truth across the models, per group (and its mean over groups), the share of
 (candidate, group) where the estimate's sign of change against the base is
 the truth's, and the mean relative error. ``ips_vs_resample`` and
 ``click_head_vs_resample`` are the ratios of mean rank correlations to the
-simulator's (the baseline of the same run). A scatter plot (estimate vs
-truth) is saved as ``gate-estimate.png``.
+simulator's (the baseline of the same run); ``attributes_vs_resample`` likewise. A scatter plot (estimate vs
+truth) is saved as ``gate-estimate.png``. Model samples for ``click_head`` and
+``attributes`` are drawn as served (``generation.temperature``); the logged
+slates, as on-policy rounds draw them (``loop.onpolicy_temperature``).
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ WORLD_A = ROOT / "sim" / "examples" / "world_a.yaml"
 TRUTH_DRAWS = 16
 QUICK_TRUTH_DRAWS = 6
 TRUTH_SEED_OFFSET = 500_000
-ESTIMATES = ("truth_half", "resample", "ips", "click_head")
+ESTIMATES = ("truth_half", "resample", "ips", "click_head", "attributes")
 """``truth_half``: one half of the truth's draws against the other half: the ceiling of any estimate's rank
 correlation, set by the truth's own sampling noise."""
 
@@ -125,7 +130,9 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
         progress.update(task, description="logging the base's slates on the gate's products")
         slates = _logged_slates(base, world, members, targets, products, truth_judge, settings)
         progress.advance(task)
-        figures = _estimates(models, base, slates, targets, truth_judges, resample_judge, settings, progress)
+        attribute_model = _attribute_model(train_log, slates)
+        figures = _estimates(models, base, slates, targets, truth_judges, resample_judge, attribute_model, settings,
+                             progress)
     return _report(world, world_file, options, settings, groups, models, figures, slates, pairs,
                    time.perf_counter() - started)
 
@@ -183,21 +190,32 @@ def _logged_slates(base: Any, world: Any, members: Mapping[str, Counter], target
             for (group, product_id), texts in sorted(sampled.items()) if (group, product_id) in stats]
 
 
+def _attribute_model(train_log: Any, slates: list[Any]) -> Any:
+    """:class:`learner.estimate.AttributeCTR` on every logged impression: the traffic log and the slates."""
+    from learner.estimate import AttributeCTR
+
+    logged = [(r.group_id, r.prompt, 1, int(r.clicked)) for r in train_log.records if r.prompt]
+    logged += [(s.group, text, impressions, clicks) for s in slates for text, (impressions, clicks) in s.counts.items()]
+    return AttributeCTR.fit(logged)
+
+
 def _estimates(models: Mapping[str, Any], base: Any, slates: list[Any], targets: Mapping[str, Any],
-               truth_judges: tuple[Any, Any], resample_judge: Any, settings: Any,
+               truth_judges: tuple[Any, Any], resample_judge: Any, attribute_model: Any, settings: Any,
                progress: Any) -> dict[str, dict[str, dict]]:
     """Per model: the truth (the mean of two halves; ``truth_half`` is the second, ranked against the first)
     and each estimate, per group."""
-    from learner.estimate import click_head_calibration, click_head_estimate, ips_estimate
+    from learner.estimate import attribute_estimate, click_head_calibration, click_head_estimate, ips_estimate
 
     calibration = click_head_calibration(base, slates, targets)
     task = progress.add_task("estimating", total=len(models))
     out: dict[str, dict[str, dict]] = {}
     for label, model in models.items():
         ips = ips_estimate(model, base, slates, targets)
+        served = {"temperature": settings.generation.temperature, "max_new_tokens": settings.generation.max_new_tokens}
         head = click_head_estimate(model, base, slates, targets, settings.generation.candidates,
-                                   temperature=settings.loop.onpolicy_temperature,
-                                   max_new_tokens=settings.generation.max_new_tokens, calibration=calibration)
+                                   calibration=calibration, **served)
+        attributes = attribute_estimate(model, attribute_model, slates, targets, settings.generation.candidates,
+                                        **served)
         first, second = truth_judges[0](model), truth_judges[1](model)
         out[label] = {
             "truth": {g: (first[g] + second[g]) / 2 for g in first},
@@ -206,6 +224,7 @@ def _estimates(models: Mapping[str, Any], base: Any, slates: list[Any], targets:
             "resample": resample_judge(model),
             "ips": {g: float(np.mean(v)) for g, v in ips.items()},
             "click_head": {g: float(np.mean(v)) for g, v in head.items()},
+            "attributes": {g: float(np.mean(v)) for g, v in attributes.items()},
         }
         progress.advance(task)
     return out
@@ -272,6 +291,7 @@ def _report(world: Any, world_file: Path, options: BenchOptions, settings: Any, 
         "summary": {e: {k: round(v, 4) for k, v in s.items()} for e, s in summary.items()},
         "spearman_per_group": per_group,
         "ips_vs_resample": ratio("ips"), "click_head_vs_resample": ratio("click_head"),
+        "attributes_vs_resample": ratio("attributes"),
         "ctr": {m: {k: {g: round(v, 5) for g, v in figures[m][k].items()} for k in ("truth", *ESTIMATES)}
                 for m in labels},
         "seconds": round(seconds, 1), "plot": str(plot),

@@ -14,6 +14,11 @@ the CTR a candidate would get, per group and logged slate:
   click head (the incumbent's: the candidate's is not trained by DPO) scores
   them for the group, calibrated per group so that the head's mean over the
   group's logged creatives equals their observed CTR.
+* :func:`attribute_estimate`, the direct method: per group, a logistic
+  regression of clicks on a creative's attributes (background, each palette
+  slot, position, scale, style words; :class:`AttributeCTR`), fitted on every
+  logged impression the group has (the traffic log and the slates), scores
+  the candidate's own samples.
 
 Both return per group the estimate of each logged slate (a list), the form
 of :func:`learner.round.with_ctr`'s ``values``, so the gate's paired interval
@@ -26,12 +31,13 @@ against a simulated world's truth.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from features.group import GroupFeatures
+from infra.contracts.prompt import parse_prompt
 from learner.data import ProductRecord
 from learner.model.gmllm import GMLLM
 
@@ -109,4 +115,74 @@ def click_head_estimate(candidate: GMLLM, scorer: GMLLM, slates: Sequence[Logged
             continue
         scores = scorer.click_probability([(targets[slate.group], slate.product, t) for t in texts])
         out.setdefault(slate.group, []).append(float(scale.get(slate.group, 1.0) * scores.mean()))
+    return out
+
+
+def prompt_attributes(text: str) -> dict[str, float]:
+    """The one-hot attributes of a canonical prompt text (its free-text copy line is left out).
+
+    >>> sorted(prompt_attributes('background=spotlight; palette=gray,red; position=top; scale=0.8; copy=""; style=vivid'))
+    ['background=spotlight', 'position=top', 'primary=gray', 'scale=0.8', 'secondary=red', 'style=vivid']
+    """
+    prompt = parse_prompt(text)
+    names = [f"background={prompt.background}", f"primary={prompt.palette[0]}", f"secondary={prompt.palette[1]}",
+             f"position={prompt.position}", f"scale={prompt.scale}", *(f"style={w}" for w in prompt.style)]
+    return dict.fromkeys(names, 1.0)
+
+
+@dataclass
+class AttributeCTR:
+    """Per group, P(click | creative attributes): an L2-regularised logistic regression on
+    :func:`prompt_attributes`, fitted on logged ``(group, prompt text, impressions, clicks)``."""
+
+    models: dict[str, tuple[object, object]]
+
+    @classmethod
+    def fit(cls, logged: Iterable[tuple[str, str, int, int]], regularisation: float = 1.0,
+            min_clicks: int = 5) -> AttributeCTR:
+        """Fit one model per group with at least ``min_clicks`` clicks (``regularisation``: sklearn's ``C``)."""
+        from sklearn.feature_extraction import DictVectorizer
+        from sklearn.linear_model import LogisticRegression
+
+        counts: dict[str, dict[str, list[int]]] = {}
+        for group, text, impressions, clicks in logged:
+            cell = counts.setdefault(group, {}).setdefault(text, [0, 0])
+            cell[0] += impressions
+            cell[1] += clicks
+        models: dict[str, tuple[object, object]] = {}
+        for group, cells in counts.items():
+            if sum(c for _, c in cells.values()) < min_clicks:
+                continue
+            texts = list(cells)
+            vectorizer = DictVectorizer()
+            x = vectorizer.fit_transform([prompt_attributes(t) for t in texts] * 2)
+            y = np.r_[np.ones(len(texts)), np.zeros(len(texts))]
+            weights = np.r_[[cells[t][1] for t in texts], [cells[t][0] - cells[t][1] for t in texts]].astype(float)
+            classifier = LogisticRegression(C=regularisation, max_iter=500)
+            classifier.fit(x, y, sample_weight=weights / weights.mean())
+            models[group] = (vectorizer, classifier)
+        return cls(models)
+
+    def predict(self, group: str, texts: Sequence[str]) -> np.ndarray | None:
+        """Predicted CTR of each text for ``group`` (None for a group without a model)."""
+        if group not in self.models or not texts:
+            return None
+        vectorizer, classifier = self.models[group]
+        return classifier.predict_proba(vectorizer.transform([prompt_attributes(t) for t in texts]))[:, 1]
+
+
+def attribute_estimate(candidate: GMLLM, model: AttributeCTR, slates: Sequence[LoggedSlate],
+                       targets: Mapping[str, GroupFeatures | str], samples: int, *, temperature: float = 1.0,
+                       max_new_tokens: int = 64, seed: int = 0) -> dict[str, list[float]]:
+    """Per group, for each logged slate's product: the mean :class:`AttributeCTR` prediction over ``samples``
+    creatives the candidate writes for the group."""
+    out: dict[str, list[float]] = {}
+    for index, slate in enumerate(slates):
+        if slate.product is None:
+            continue
+        written = candidate.generate(targets[slate.group], slate.product, n=samples, seed=seed * 7_919 + index,
+                                     temperature=temperature, constrained=True, max_new_tokens=max_new_tokens)
+        predicted = model.predict(slate.group, [g.prompt.to_text() for g in written if g.prompt is not None])
+        if predicted is not None:
+            out.setdefault(slate.group, []).append(float(predicted.mean()))
     return out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from learner.data import ProductRecord
-from learner.estimate import LoggedSlate, click_head_calibration, click_head_estimate, ips_estimate
+from learner.estimate import AttributeCTR, LoggedSlate, click_head_calibration, click_head_estimate, ips_estimate
 
 MUG = ProductRecord("mug-0", "mugs", "Enamel mug", 9.5)
 
@@ -54,3 +54,25 @@ def test_click_head_is_calibrated_to_the_groups_logged_clicks(tiny_gmllm) -> Non
     assert scale * raw == pytest.approx(slate.observed_ctr())
     estimate = click_head_estimate(tiny_gmllm, tiny_gmllm, [slate], targets, samples=4, max_new_tokens=80)
     assert len(estimate["mugs/g0"]) == 1 and 0 < estimate["mugs/g0"][0] < 1
+
+
+def test_attribute_model_learns_each_groups_taste_from_logged_clicks() -> None:
+    import random
+
+    from infra.contracts.prompt import random_prompt
+
+    rng = random.Random(0)
+    texts = [random_prompt(rng).to_text() for _ in range(300)]
+    logged = []
+    for text in texts:
+        pink = "palette=pink," in text
+        logged.append(("mugs/g0", text, 400, 40 if pink else 8))  # g0 clicks pink primaries 10 % vs 2 %
+        logged.append(("mugs/g1", text, 400, 8 if pink else 16))  # g1 avoids them
+    model = AttributeCTR.fit(logged)
+    pink = [t for t in texts if "palette=pink," in t][:5]
+    other = [t for t in texts if "palette=pink," not in t][:5]
+    g0_pink, g0_other = model.predict("mugs/g0", pink).mean(), model.predict("mugs/g0", other).mean()
+    g1_pink, g1_other = model.predict("mugs/g1", pink).mean(), model.predict("mugs/g1", other).mean()
+    assert g0_pink > 3 * g0_other and 0.07 < g0_pink < 0.13
+    assert g1_pink < 0.7 * g1_other
+    assert model.predict("mugs/g9", pink) is None

@@ -168,6 +168,8 @@ def onpolicy_round(
     held_back: list[str] = []
     while not result["promoted"] and result.get("regressed") \
             and result.get("repair", 0) < loop.repair_fits:
+        if set(result["regressed"]) <= set(held_back):
+            break  # nothing new to hold back: the same fit again
         held_back = sorted({*held_back, *result["regressed"]})
         held_targets = {f"{g.split('/', 1)[0]}/all" for g in held_back} if arm.one_size else set(held_back)
         kept = [p for p in pairs if p.group_id not in held_targets]

@@ -194,7 +194,7 @@ def run_round(
     while not decision.promote and len(refused) < loop.repair_fits:
         regressed = regressed_groups(new, old, gate_config(settings))
         kept = [p for p in train if p.group_id not in {*held_back, *regressed}]
-        if not regressed or not kept:
+        if not kept or set(regressed) <= set(held_back):  # nothing new to hold back: the same fit again
             break
         held_back = sorted({*held_back, *regressed})
         refused.append({"reason": decision.reason, "steps": fit.steps, "held_back_after": held_back})

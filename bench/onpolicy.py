@@ -159,10 +159,7 @@ def onpolicy_round(
         return figures | {"candidate": None}
     dpo = settings.dpo.model_copy(update={"group_weighting": "uniform", "seed": settings.dpo.seed + seed}) \
         if arm.one_size else settings.dpo.model_copy(update={"seed": settings.dpo.seed + seed})
-    candidate = arm.model.copy()
-    weights = [1.0] * len(pairs) + [max(settings.dpo.preserve_weight, 1e-6)] * len(mirrored)
-    fit = fit_group_dpo(candidate, arm.model, pairs + mirrored, arm.targets, products, dpo, anchors=anchors,
-                        pair_weights=weights)
+    candidate, fit = _fit(arm, pairs, held, products, settings, dpo)
     figures.update(steps=fit.steps, fit_seconds=round(fit.seconds, 1), anchors=fit.anchors)
     result = _gated(arm, candidate, figures, settings, gate_judge, gate, started)
     held_back: list[str] = []
@@ -178,10 +175,7 @@ def onpolicy_round(
         arm.history.pop()  # the refused fit's figures are kept inside the repair's
         held = protection_for(kept, arm.model, arm.targets, products, settings, seed * 1_000 + round_number,
                               arm.one_size)
-        candidate = arm.model.copy()
-        weights = [1.0] * len(kept) + [max(settings.dpo.preserve_weight, 1e-6)] * len(held.mirrored)
-        fit = fit_group_dpo(candidate, arm.model, kept + held.mirrored, arm.targets, products, dpo,
-                            anchors=held.anchors, pair_weights=weights)
+        candidate, fit = _fit(arm, kept, held, products, settings, dpo)
         refused = {k: result[k] for k in ("reason", "gate_mean", "steps", "anchors", "mirrored") if k in result}
         figures = {**figures, "repair": result.get("repair", 0) + 1, "held_back": held_back,
                    "refused_before_repair": [*figures.get("refused_before_repair", []), refused],
@@ -190,6 +184,17 @@ def onpolicy_round(
         figures.pop("regressed", None)
         result = _gated(arm, candidate, figures, settings, gate_judge, gate, started)
     return result
+
+
+def _fit(arm: Arm, pairs: list[Any], held: Any, products: Mapping[str, ProductRecord], settings: LearnerSettings,
+         dpo: Any) -> tuple[GMLLM, Any]:
+    """Step 5: a copy of the live model fitted on ``pairs`` plus the protection ``held`` (mirrored pairs at
+    ``preserve_weight``, anchors); returns the candidate and the fit."""
+    candidate = arm.model.copy()
+    weights = [1.0] * len(pairs) + [max(settings.dpo.preserve_weight, 1e-6)] * len(held.mirrored)
+    fit = fit_group_dpo(candidate, arm.model, pairs + held.mirrored, arm.targets, products, dpo,
+                        anchors=held.anchors, pair_weights=weights)
+    return candidate, fit
 
 
 def _gated(arm: Arm, candidate: GMLLM, figures: dict[str, Any], settings: LearnerSettings,

@@ -31,7 +31,7 @@ against a simulated world's truth.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,12 +105,7 @@ def click_head_estimate(candidate: GMLLM, scorer: GMLLM, slates: Sequence[Logged
     ``samples`` creatives the candidate writes for the group, averaged."""
     scale = calibration if calibration is not None else click_head_calibration(scorer, slates, targets)
     out: dict[str, list[float]] = {}
-    for index, slate in enumerate(slates):
-        if slate.product is None:
-            continue
-        written = candidate.generate(targets[slate.group], slate.product, n=samples, seed=seed * 7_919 + index,
-                                     temperature=temperature, constrained=True, max_new_tokens=max_new_tokens)
-        texts = [g.prompt.to_text() for g in written if g.prompt is not None]
+    for slate, texts in _written(candidate, slates, targets, samples, temperature, max_new_tokens, seed):
         if not texts:
             continue
         scores = scorer.click_probability([(targets[slate.group], slate.product, t) for t in texts])
@@ -177,12 +172,20 @@ def attribute_estimate(candidate: GMLLM, model: AttributeCTR, slates: Sequence[L
     """Per group, for each logged slate's product: the mean :class:`AttributeCTR` prediction over ``samples``
     creatives the candidate writes for the group."""
     out: dict[str, list[float]] = {}
+    for slate, texts in _written(candidate, slates, targets, samples, temperature, max_new_tokens, seed):
+        predicted = model.predict(slate.group, texts)
+        if predicted is not None:
+            out.setdefault(slate.group, []).append(float(predicted.mean()))
+    return out
+
+
+def _written(candidate: GMLLM, slates: Sequence[LoggedSlate], targets: Mapping[str, GroupFeatures | str],
+             samples: int, temperature: float, max_new_tokens: int, seed: int) -> Iterator[tuple[LoggedSlate, list[str]]]:
+    """Each logged slate (with a product) and the valid prompt texts of ``samples`` creatives the candidate
+    writes for its group and product (seeded per slate)."""
     for index, slate in enumerate(slates):
         if slate.product is None:
             continue
         written = candidate.generate(targets[slate.group], slate.product, n=samples, seed=seed * 7_919 + index,
                                      temperature=temperature, constrained=True, max_new_tokens=max_new_tokens)
-        predicted = model.predict(slate.group, [g.prompt.to_text() for g in written if g.prompt is not None])
-        if predicted is not None:
-            out.setdefault(slate.group, []).append(float(predicted.mean()))
-    return out
+        yield slate, [g.prompt.to_text() for g in written if g.prompt is not None]

@@ -153,7 +153,7 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import Progress
 
-    from bench.onpolicy import Arm, default_gate, onpolicy_round
+    from bench.onpolicy import Arm, default_gate, onpolicy_round, target_groups
     from sim.judge import WorldCTR, group_members
     from sim.world import World
 
@@ -226,19 +226,19 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
                     progress.add_task(f"seed {seed} round {number}: {arm.name}", total=None)
                     figures = onpolicy_round(arm, world, products, settings, seed=seed, round_number=number,
                                              gate_judge=gate_judges.get(arm.name), gate=gate)
-                candidate = figures.pop("candidate")
-                if candidate is None:
-                    trace.append(trace[-1])
-                    figures["candidate_ctr"] = None
-                else:
-                    ctr = judges[arm.name](candidate)
-                    figures["candidate_ctr"] = {g: round(v, 5) for g, v in ctr.items()}
-                    figures["candidate_mean"] = round(float(np.mean(list(ctr.values()))), 5)
-                    if figures["promoted"]:
-                        trace.append(ctr)
-                        live_sampled = dict(judges[arm.name].last_sampled)
-                    else:
-                        trace.append(trace[-1])
+                live, candidate_ctr = dict(trace[-1]), {}
+                for candidate, fitted_for, moved in figures.pop("candidates"):
+                    served = [g for t in fitted_for for g in target_groups(t, groups)]
+                    went_live = [g for t in moved for g in target_groups(t, groups)]
+                    lineage_judge = judges[arm.name].restricted(served)
+                    ctr = lineage_judge(candidate)
+                    candidate_ctr.update(ctr)
+                    live.update({g: ctr[g] for g in went_live})
+                    live_sampled.update({g: lineage_judge.last_sampled[g] for g in went_live})
+                trace.append(live)
+                figures["candidate_ctr"] = {g: round(v, 5) for g, v in sorted(candidate_ctr.items())} or None
+                if candidate_ctr:
+                    figures["candidate_mean"] = round(float(np.mean(list(candidate_ctr.values()))), 5)
                 figures["live_mean"] = round(float(np.mean([trace[-1][g] for g in groups])), 5)
                 figures["live_worst"] = round(min(trace[-1][g] for g in groups), 5)
                 round_log.append({"seed": seed, "model": arm.name, **figures})

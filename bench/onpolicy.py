@@ -55,7 +55,7 @@ from learner.dpo.onpolicy import (
     with_margin,
 )
 from learner.dpo.train import fit_group_dpo
-from learner.gate import GateConfig, GroupFigures, decide, regressed_groups
+from learner.gate import GateConfig, GroupFigures, decide, passing_units, regressed_groups
 from learner.model.gmllm import GMLLM
 from learner.round import gate_config, judged, judged_pair
 from sim.judge import WorldCTR, simulate_slate_traffic
@@ -92,10 +92,40 @@ class Arm:
     baseline, the slate traffic (one counts dict per round)."""
     method: str = "dpo"
     config: Any = None
+    live: dict[str, GMLLM] = field(default_factory=dict)
+    """Per-group promotion (``learner.loop.promotion = "group"``): the live model of each target whose model
+    is not ``model`` (empty: ``model`` serves every target)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"Arm.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+    def live_model(self, target: str) -> GMLLM:
+        """The model that serves ``target``."""
+        return self.live.get(target, self.model)
+
+    def lineages(self) -> list[tuple[GMLLM, list[str]]]:
+        """The targets grouped by the live model that serves them (each model once, in target order)."""
+        out: dict[int, tuple[GMLLM, list[str]]] = {}
+        for target in sorted(self.targets):
+            model = self.live_model(target)
+            out.setdefault(id(model), (model, []))[1].append(target)
+        return list(out.values())
+
+
+def target_groups(target: str, groups: Sequence[str]) -> list[str]:
+    """The judged ``groups`` a training target serves: itself, or every group of its category for a one-size
+    target (``<category>/all``).
+
+    >>> target_groups("mugs/all", ["mugs/g0", "mugs/g1", "pens/g0"])
+    ['mugs/g0', 'mugs/g1']
+    >>> target_groups("mugs/g1", ["mugs/g0", "mugs/g1"])
+    ['mugs/g1']
+    """
+    if target.endswith("/all"):
+        category = target.split("/", 1)[0]
+        return [g for g in groups if g.split("/", 1)[0] == category]
+    return [g for g in groups if g == target]
 
 
 def slate_products(world: World, products: Mapping[str, ProductRecord], targets: Sequence[str],
@@ -119,7 +149,91 @@ def onpolicy_round(
     gate_judge: WorldCTR | None,
     gate: GateConfig | None = None,
 ) -> dict[str, Any]:
-    """Run one on-policy round for ``arm`` (see the module docstring); returns its figures."""
+    """Run one on-policy round for ``arm`` (see the module docstring); returns its figures.
+
+    ``candidates`` in the figures lists each fit as (candidate, the targets it was fitted for, the targets it
+    went live for). With ``learner.loop.promotion = "group"`` (Group-DPO and one-size arms) each lineage, the
+    targets one live model serves, is fitted from that model on its own targets' pairs and gated per target:
+    the candidate goes live for each target whose groups it raises without regressing (:func:`decide` on that
+    target's groups), and the other targets keep their model.
+    """
+    if settings.loop.promotion == "group" and arm.method == "dpo":
+        return _per_target_round(arm, world, products, settings, seed=seed, round_number=round_number,
+                                 gate_judge=gate_judge, gate=gate)
+    result = _round(arm, world, products, settings, seed=seed, round_number=round_number, gate_judge=gate_judge,
+                    gate=gate)
+    candidate = result.pop("candidate")
+    moved = sorted(arm.targets) if result.get("promoted") else []
+    return result | {"candidates": [] if candidate is None else [(candidate, sorted(arm.targets), moved)]}
+
+
+def _per_target_round(arm: Arm, world: World, products: Mapping[str, ProductRecord], settings: LearnerSettings,
+                      *, seed: int, round_number: int, gate_judge: WorldCTR | None,
+                      gate: GateConfig | None) -> dict[str, Any]:
+    """One round per lineage (see :func:`onpolicy_round`); the figures of all of them, summed or listed."""
+    started = time.perf_counter()
+    judged_groups = gate_judge.groups() if gate_judge is not None else []
+    results: list[dict[str, Any]] = []
+    candidates: list[tuple[GMLLM, list[str], list[str]]] = []
+    for model, targets in arm.lineages():
+        groups = [g for t in targets for g in target_groups(t, judged_groups)]
+        known = arm.gate_figures or {}
+        lineage = Arm(arm.name, model, {t: arm.targets[t] for t in targets},
+                      {t: arm.target_members[t] for t in targets}, arm.one_size,
+                      gate_figures={g: known[g] for g in groups} if all(g in known for g in groups) else None,
+                      pending=[p for p in arm.pending if p.group_id in targets], method=arm.method,
+                      config=arm.config)
+        lineage_judge = gate_judge.restricted(groups) if gate_judge is not None else None
+        result = _round(lineage, world, products, settings, seed=seed, round_number=round_number,
+                        gate_judge=lineage_judge, gate=gate, per_target=True)
+        candidate = result.pop("candidate")
+        moved = result.get("promoted_targets", [])
+        for target in moved:
+            arm.live[target] = candidate
+        arm.gate_figures = {**known, **(lineage.gate_figures or {})}
+        arm.pending = [p for p in arm.pending if p.group_id not in targets] + \
+            [p for p in lineage.pending if p.group_id not in moved]
+        if candidate is not None:
+            candidates.append((candidate, targets, moved))
+        results.append(result | {"targets": targets})
+    models = {id(m): m for m in arm.live.values()}
+    if len(models) == 1 and set(arm.live) == set(arm.targets):  # one model serves every target again
+        arm.model, arm.live = next(iter(models.values())), {}
+    figures = _summed(results, round_number)
+    figures.update(seconds=round(time.perf_counter() - started, 1), lineages=results,
+                   live_models=len(arm.lineages()))
+    arm.history.append(figures)
+    return figures | {"candidates": candidates}
+
+
+def _summed(results: list[dict[str, Any]], round_number: int) -> dict[str, Any]:
+    """A round's figures over its lineages: counts added, per-group figures merged, reasons joined."""
+    figures: dict[str, Any] = {"round": round_number}
+    for key in ("slates", "creatives", "pairs_mined", "pairs_fresh", "pairs", "anchors", "mirrored", "steps"):
+        figures[key] = sum(r.get(key, 0) for r in results)
+    figures["fit_seconds"] = round(sum(r.get("fit_seconds", 0.0) for r in results), 1)
+    figures["pairs_per_group"] = dict(sorted({g: n for r in results
+                                              for g, n in r.get("pairs_per_group", {}).items()}.items()))
+    figures["groups_without_pairs"] = sorted(g for r in results for g in r.get("groups_without_pairs", []))
+    figures["promoted_targets"] = sorted(t for r in results for t in r.get("promoted_targets", []))
+    figures["promoted"] = bool(figures["promoted_targets"])
+    figures["reason"] = "; ".join(f"{'+'.join(r['targets'])}: {r.get('reason', '')}" for r in results)
+    return figures
+
+
+def _round(
+    arm: Arm,
+    world: World,
+    products: Mapping[str, ProductRecord],
+    settings: LearnerSettings,
+    *,
+    seed: int,
+    round_number: int,
+    gate_judge: WorldCTR | None,
+    gate: GateConfig | None = None,
+    per_target: bool = False,
+) -> dict[str, Any]:
+    """One round of one live model for all of ``arm``'s targets (``per_target``: gated per target)."""
     loop = settings.loop
     started = time.perf_counter()
     targets = sorted(arm.targets)
@@ -161,9 +275,9 @@ def onpolicy_round(
         if arm.one_size else settings.dpo.model_copy(update={"seed": settings.dpo.seed + seed})
     candidate, fit = _fit(arm, pairs, held, products, settings, dpo)
     figures.update(steps=fit.steps, fit_seconds=round(fit.seconds, 1), anchors=fit.anchors)
-    result = _gated(arm, candidate, figures, settings, gate_judge, gate, started)
+    result = _gated(arm, candidate, figures, settings, gate_judge, gate, started, per_target)
     held_back: list[str] = []
-    while not result["promoted"] and result.get("regressed") \
+    while not per_target and not result["promoted"] and result.get("regressed") \
             and result.get("repair", 0) < loop.repair_fits:
         if set(result["regressed"]) <= set(held_back):
             break  # nothing new to hold back: the same fit again
@@ -198,10 +312,16 @@ def _fit(arm: Arm, pairs: list[Any], held: Any, products: Mapping[str, ProductRe
 
 
 def _gated(arm: Arm, candidate: GMLLM, figures: dict[str, Any], settings: LearnerSettings,
-           gate_judge: WorldCTR | None, gate: GateConfig | None, started: float) -> dict[str, Any]:
-    """Step 6: the gate keeps ``candidate`` (the arm's new live model) or drops it; the round's figures."""
+           gate_judge: WorldCTR | None, gate: GateConfig | None, started: float,
+           per_target: bool = False) -> dict[str, Any]:
+    """Step 6: the gate keeps ``candidate`` (the arm's new live model) or drops it; the round's figures.
+
+    ``per_target``: the candidate is judged per target (``promoted_targets``: those whose groups pass
+    :func:`decide` on their own); ``arm.gate_figures`` and ``arm.pending`` follow the targets that moved,
+    ``arm.model`` is left to the caller.
+    """
     if gate_judge is None:
-        figures.update(promoted=True, reason="no gate")
+        figures.update(promoted=True, reason="no gate", promoted_targets=sorted(arm.targets))
         arm.model, arm.pending = candidate, []
     else:
         if settings.loop.ctr_estimate == "reweight":
@@ -210,13 +330,27 @@ def _gated(arm: Arm, candidate: GMLLM, figures: dict[str, Any], settings: Learne
             if arm.gate_figures is None:
                 arm.gate_figures = judged(gate_judge, arm.model)
             new_figures = judged(gate_judge, candidate)
-        decision = decide(new_figures, arm.gate_figures, gate or GateConfig())
-        figures.update(promoted=decision.promote, reason=decision.reason,
-                       gate_mean=(round(decision.overall_incumbent, 5), round(decision.overall_candidate, 5)))
-        if decision.promote:
-            arm.model, arm.gate_figures, arm.pending = candidate, new_figures, []
+        config = gate or GateConfig()
+        whole = decide(new_figures, arm.gate_figures, config)
+        figures.update(gate_mean=(round(whole.overall_incumbent, 5), round(whole.overall_candidate, 5)))
+        groups = gate_judge.groups()
+        moved = passing_units(new_figures, arm.gate_figures, {t: target_groups(t, groups) for t in arm.targets},
+                              config) if per_target else (sorted(arm.targets) if whole.promote else [])
+        if per_target and moved and not whole.promote:
+            reason = f"live for {', '.join(moved)} only; {whole.reason}"
         else:
-            figures["regressed"] = regressed_groups(new_figures, arm.gate_figures, gate or GateConfig())
+            reason = whole.reason
+        figures.update(promoted=bool(moved), promoted_targets=moved, reason=reason)
+        if set(moved) != set(arm.targets):
+            figures["regressed"] = regressed_groups(new_figures, arm.gate_figures, config)
+        moved_groups = {g for t in moved for g in target_groups(t, groups)}
+        arm.gate_figures = {**arm.gate_figures, **{g: new_figures[g] for g in moved_groups if g in new_figures}}
+        if set(moved) == set(arm.targets):
+            arm.pending = []
+        elif moved:  # only per target, and only a Group-DPO arm's pending pairs (a baseline keeps its traffic)
+            arm.pending = [p for p in arm.pending if p.group_id not in moved]
+        if whole.promote and not per_target:
+            arm.model = candidate
     figures["seconds"] = round(time.perf_counter() - started, 1)
     arm.history.append(figures)
     return figures | {"candidate": candidate}

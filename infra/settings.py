@@ -365,6 +365,11 @@ class LoopSettings(BaseModel):
         "incumbent up to this many times without those groups' pairs (they become groups without evidence, held "
         "by dpo.preserve) and gate again; 0: off."
     )
+    promotion: Literal["model", "group"] = Field(
+        "model", description="Gate: model, a candidate goes live for every group or for none; group, it goes live "
+        "for each group it raises without regressing (the others keep the version they had, and their next "
+        "round fits from it): one group's regression no longer holds back the others' gains."
+    )
 
 
 class LearnerSettings(BaseModel):

@@ -17,7 +17,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 
@@ -134,6 +134,27 @@ def regressed_groups(candidate: Mapping[str, GroupFigures], incumbent: Mapping[s
     """
     judged = ctr_groups(candidate, incumbent)
     return [g for g in sorted(candidate) if group_regression(g, candidate, incumbent, config, judged) is not None]
+
+
+def passing_units(candidate: Mapping[str, GroupFigures], incumbent: Mapping[str, GroupFigures],
+                  units: Mapping[str, Sequence[str]], config: GateConfig = GateConfig()) -> list[str]:
+    """Per-group promotion: the units (a group, or a training target and the groups it serves) whose own groups
+    pass :func:`decide` on their own (none regresses, their overall figure rises), sorted. A unit with no group
+    judged in both versions does not pass.
+
+    >>> old = {"a": GroupFigures("a", 0, 0.5, 0.0, ctr=0.030), "b": GroupFigures("b", 0, 0.5, 0.0, ctr=0.020)}
+    >>> new = {"a": GroupFigures("a", 0, 0.5, 0.0, ctr=0.025), "b": GroupFigures("b", 0, 0.5, 0.0, ctr=0.026)}
+    >>> passing_units(new, old, {"a": ["a"], "b": ["b"], "c": ["c"]}, GateConfig(ctr_tolerance=0.002))
+    ['b']
+    >>> passing_units(new, old, {"both": ["a", "b"]}, GateConfig(ctr_tolerance=0.002))
+    []
+    """
+    out = []
+    for unit, groups in units.items():
+        mine = [g for g in groups if g in candidate and g in incumbent]
+        if mine and decide({g: candidate[g] for g in mine}, {g: incumbent[g] for g in mine}, config).promote:
+            out.append(unit)
+    return sorted(out)
 
 
 def ctr_allowed_drop(new: GroupFigures, old: GroupFigures, config: GateConfig) -> float:

@@ -11,6 +11,9 @@ consumer left out (the command feeds it; tests call it directly):
 - the incumbent: the latest published version, which each round fine-tunes
   and gates against (:meth:`LearnerLoop.train_round`, one
   :func:`learner.round.run_round`); a promoted candidate becomes the incumbent;
+  with per-group promotion (``loop.promotion = "group"``) each group's
+  incumbent is the version that serves it (:func:`learner.publish.routing`),
+  and a round fits and gates each such version on its own groups' pairs;
 - the round counter, continued from the history log, so a restarted learner
   numbers on. After a restart the pairs topic is re-read from the start:
   :meth:`LearnerLoop.replayed` then stops counting as new the pairs the last
@@ -50,6 +53,7 @@ from learner.data import ProductRecord
 from features.group import GroupFeatures
 from learner.history import read_rounds
 from learner.model.gmllm import GMLLM
+from learner.publish import Routing, routing
 from learner.round import RoundOutcome, ServedCTR, run_round
 from infra.contracts.messages import PreferencePair
 
@@ -100,6 +104,8 @@ class RoundSummary:
     version: int | None
     unknown_group_pairs: int
     outcome: RoundOutcome = field(repr=False, compare=False)
+    lineages: tuple[RoundSummary, ...] = field(default=(), repr=False, compare=False)
+    """Per-group promotion: one summary per version fitted in this round (this summary adds them up)."""
 
 
 class LearnerLoop:
@@ -162,6 +168,15 @@ class LearnerLoop:
         self.next_round = 1 + max((int(r.get("round", 0)) for r in logged), default=0)
         self.seen_until = max((int(r.get("data_window", (0, 0))[1]) for r in logged), default=0)
         self.rounds: list[RoundSummary] = []
+        found = routing(repository, loop.model_name) if (repository / loop.model_name).is_dir() else Routing()
+        self.routing = found if found.default == version else Routing(version, {})
+        self.models: dict[int, GMLLM] = {} if incumbent is None or version is None else {version: incumbent}
+
+    def model_for(self, version: int) -> GMLLM:
+        """The published ``version``, loaded once."""
+        if version not in self.models:
+            self.models[version] = GMLLM.load(self.repository / self.settings.loop.model_name / str(version))
+        return self.models[version]
 
     def offer(self, pair: PreferencePair) -> str:
         """Take one pair: :data:`NEW` (kept), :data:`DUPLICATE` (already held) or :data:`UNKNOWN_PRODUCT` (skipped)."""
@@ -216,33 +231,63 @@ class LearnerLoop:
         if left_out:
             log.warning("round %d: %d pairs of %d groups without features left out (%s)", self.next_round,
                         sum(left_out.values()), len(left_out), ", ".join(sorted(left_out)[:5]))
-        judge = self.judge(features) if self.judge is not None else None
-        outcome = run_round(
-            self.next_round, usable, self.incumbent, self.version, features, self.products, self.settings,
-            self.repository, self.history, served_ctr=judge, one_size=self.one_size, on_log=on_log,
-            pairs_left_out=left_out,
-        )
+        lineages = self._lineages(usable, features)
+        summaries = []
+        for version, model, served, pairs, default in lineages:
+            judge = self.judge(served) if self.judge is not None else None
+            outcome = run_round(
+                self.next_round, pairs, model, version, served, self.products, self.settings,
+                self.repository, self.history, served_ctr=judge, one_size=self.one_size, on_log=on_log,
+                pairs_left_out=left_out, default=default,
+            )
+            record = outcome.record
+            self.seen_until = max(self.seen_until, int(record.data_window[1]))
+            if outcome.promoted is not None and record.version is not None:
+                self.models[record.version] = outcome.promoted
+                self.routing = self.routing.then(record.version, outcome.groups)
+                if outcome.groups is None:
+                    self.incumbent, self.version = outcome.promoted, record.version
+            summaries.append(RoundSummary(
+                number=record.round, train_pairs=sum(record.pairs_per_group.values()),
+                heldout_pairs=record.heldout_pairs, groups=len(record.pairs_per_group),
+                steps=int(record.training.get("steps", 0)), seconds=round(record.finished_at - record.started_at, 1),
+                decision=record.decision if len(lineages) == 1 else f"version {version}: {record.decision}",
+                version=record.version, unknown_group_pairs=sum(left_out.values()), outcome=outcome,
+            ))
+            self.next_round += 1
+        self.models = {v: m for v, m in self.models.items() if v in self.routing.versions()}
         self.buffer.mark_trained()
         self.last_round_at = time.monotonic() if now is None else now
-        record = outcome.record
-        self.seen_until = max(self.seen_until, int(record.data_window[1]))
-        if outcome.promoted is not None:
-            self.incumbent, self.version = outcome.promoted, record.version
-        summary = RoundSummary(
-            number=record.round,
-            train_pairs=sum(record.pairs_per_group.values()),
-            heldout_pairs=record.heldout_pairs,
-            groups=len(record.pairs_per_group),
-            steps=int(record.training.get("steps", 0)),
-            seconds=round(record.finished_at - record.started_at, 1),
-            decision=record.decision,
-            version=record.version,
-            unknown_group_pairs=sum(left_out.values()),
-            outcome=outcome,
+        summary = summaries[0] if len(summaries) == 1 else RoundSummary(
+            number=summaries[0].number, train_pairs=sum(x.train_pairs for x in summaries),
+            heldout_pairs=sum(x.heldout_pairs for x in summaries), groups=sum(x.groups for x in summaries),
+            steps=sum(x.steps for x in summaries), seconds=round(sum(x.seconds for x in summaries), 1),
+            decision="; ".join(x.decision for x in summaries), version=self.version,
+            unknown_group_pairs=sum(left_out.values()), outcome=summaries[-1].outcome, lineages=tuple(summaries),
         )
         self.rounds.append(summary)
-        self.next_round += 1
         return summary
+
+    def _lineages(self, usable: PairBuffer, features: Mapping[str, GroupFeatures | str]
+                  ) -> list[tuple[int | None, GMLLM, dict[str, GroupFeatures | str], PairBuffer, bool]]:
+        """What a round fits: (version, its model, the features of the groups it serves, their pairs, whether it
+        is the default) — the incumbent for everything, or with per-group promotion each version that serves a
+        group with pairs."""
+        whole = [(self.version, self.incumbent, dict(features), usable, True)]
+        if self.settings.loop.promotion != "group" or self.one_size:
+            return whole  # type: ignore[return-value]
+        out = []
+        with_pairs = {p.group_id for p in usable.pairs()}
+        for version in self.routing.versions():
+            served = {g: f for g, f in features.items() if self.routing.version_for(g) == version}
+            if not with_pairs & set(served):
+                continue
+            pairs = PairBuffer(usable.capacity, usable.half_life_s)
+            for pair in usable.pairs():
+                if pair.group_id in served:
+                    pairs.add(pair)
+            out.append((version, self.model_for(version), served, pairs, version == self.routing.default))
+        return out or whole  # type: ignore[return-value]
 
 
 def group_feature_source(

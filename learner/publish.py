@@ -5,6 +5,11 @@ Layout (the one Triton reads, docs/architecture.md §3)::
     <repo>/<model>/<n>/...        one directory per version, n = 1, 2, ...
     <repo>/<model>/LATEST.json    {"version": n, "published_at": ..., ...} (announcement)
 
+A version goes live for every group, or, when its publish metadata names
+``groups`` (per-group promotion, ``learner.loop.promotion = "group"``), for
+those groups only; :func:`routing` adds the versions up to which version
+serves each group, for the learner and for serving alike.
+
 A version is copied completely under a temporary name (``.tmp-…``, never a
 number, so no loader picks it up), its files are flushed to disk, it is
 verified, and only then renamed to the next version number. A publish killed
@@ -19,14 +24,16 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 TMP_PREFIX = ".tmp-"
 LATEST = "LATEST.json"
+GROUPS = "groups"
+"""Publish metadata key: the groups a version goes live for (absent or null: every group)."""
 
 
 class PublishError(RuntimeError):
@@ -54,6 +61,61 @@ def latest_version(repo: Path, model: str) -> int | None:
     """The newest published version, or None."""
     found = versions(repo, model)
     return found[-1] if found else None
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which published version serves each group.
+
+    ``default`` serves every group not in ``groups`` (and groups not seen yet);
+    ``groups`` maps the others to their version.
+
+    >>> r = Routing().then(1, None).then(2, ["mugs/g0"]).then(3, ["mugs/g1"])
+    >>> r.version_for("mugs/g0"), r.version_for("mugs/g1"), r.version_for("pens/g0"), r.versions()
+    (2, 3, 1, [1, 2, 3])
+    >>> r.then(4, None)
+    Routing(default=4, groups={})
+    """
+
+    default: int | None = None
+    groups: dict[str, int] = field(default_factory=dict)
+
+    def version_for(self, group: str) -> int | None:
+        """The version that serves ``group``."""
+        return self.groups.get(group, self.default)
+
+    def versions(self) -> list[int]:
+        """Every version that serves some group, ascending."""
+        return sorted({*self.groups.values(), *([] if self.default is None else [self.default])})
+
+    def then(self, version: int, groups: Sequence[str] | None) -> Routing:
+        """The routing once ``version`` goes live for ``groups`` (None: for every group, as the new default)."""
+        if groups is None:
+            return Routing(version, {})
+        routed = {**self.groups, **{str(g): version for g in groups}}
+        return Routing(self.default, {g: v for g, v in sorted(routed.items()) if v != self.default})
+
+
+def published_groups(repo: Path, model: str, version: int) -> list[str] | None:
+    """The groups ``version`` was published for (``published.groups`` of its ``gmllm.json``); None: every group
+    (also for a version without that file, e.g. a base checkpoint)."""
+    path = repo / model / str(version) / "gmllm.json"
+    try:
+        published = json.loads(path.read_text(encoding="utf-8")).get("published") or {}
+    except (OSError, ValueError):
+        return None
+    groups = published.get(GROUPS) if isinstance(published, dict) else None
+    return None if groups is None else [str(g) for g in groups]
+
+
+def routing(repo: Path, model: str, skip: Collection[int] = ()) -> Routing:
+    """The routing the published versions add up to, in publish order; versions in ``skip`` (e.g. ones serving
+    refused) are left out."""
+    out = Routing()
+    for version in versions(repo, model):
+        if version not in skip:
+            out = out.then(version, published_groups(repo, model, version))
+    return out
 
 
 def publish_version(

@@ -17,6 +17,10 @@ fires (and what tests and benchmarks call directly):
    a candidate refused because groups regress is first repaired
    (``loop.repair_fits``): refitted without those groups' pairs, which makes
    them groups without evidence held by ``dpo.preserve``, and gated again;
+   with ``loop.promotion = "group"`` the gate runs per group instead
+   (:func:`learner.gate.passing_units`) and the version is published for the
+   groups it raises only (publish metadata ``groups``, :mod:`learner.publish`),
+   unless it raises every group of a default incumbent;
 5. append a :class:`learner.history.RoundRecord` to the history log.
 """
 
@@ -39,12 +43,12 @@ from learner.data import ProductRecord
 from learner.dpo.heldout import heldout_figures
 from learner.dpo.onpolicy import protection_for
 from learner.dpo.train import FitResult, fit_group_dpo
-from learner.gate import GateConfig, GateDecision, GroupFigures, decide, regressed_groups
+from learner.gate import GateConfig, GateDecision, GroupFigures, decide, passing_units, regressed_groups
 from features.group import GroupFeatures
 from learner.history import RoundRecord, append_round
 from learner.model.artifact import verify_artifact
 from learner.model.gmllm import GMLLM
-from learner.publish import publish_version
+from learner.publish import GROUPS, publish_version
 
 
 class ServedCTR(Protocol):
@@ -60,6 +64,8 @@ class RoundOutcome:
     record: RoundRecord
     decision: GateDecision | None
     promoted: GMLLM | None
+    groups: list[str] | None = None
+    """Per-group promotion: the groups the promoted version went live for (None: every group)."""
 
 
 def gate_config(settings: LearnerSettings) -> GateConfig:
@@ -132,11 +138,15 @@ def run_round(
     one_size: bool = False,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     pairs_left_out: Mapping[str, int] | None = None,
+    default: bool = True,
 ) -> RoundOutcome:
     """Run one round (see the module docstring); the buffer's new-pair count is reset.
 
     ``pairs_left_out`` (pairs per group the caller could not use, e.g. groups
-    without features) is recorded in the history as it is.
+    without features) is recorded in the history as it is. With per-group
+    promotion the incumbent serves the groups of ``features``; ``default``:
+    it is the version that serves every other group too, so a candidate that
+    raises all of its groups is published for every group.
     """
     started = time.time()
     loop = settings.loop
@@ -189,6 +199,9 @@ def run_round(
         return RoundOutcome(record("kept: " + gate["reason"], gate, incumbent_version, fit.losses, training),
                             None, None)
     decision = decide(new, old, gate_config(settings))
+    if loop.promotion == "group" and not one_size:
+        return _promoted_per_group(candidate, decision, new, old, sorted(features), default, fit, training,
+                                   settings, repository, number, incumbent_version, record)
     held_back: list[str] = []
     refused: list[dict[str, Any]] = []
     while not decision.promote and len(refused) < loop.repair_fits:
@@ -212,6 +225,26 @@ def run_round(
         "overall": decision.overall_candidate,
     })
     return RoundOutcome(record("promoted", gate, version, fit.losses, training), decision, candidate)
+
+
+def _promoted_per_group(candidate: GMLLM, decision: GateDecision, new: dict[str, GroupFigures],
+                        old: dict[str, GroupFigures], serves: list[str], default: bool, fit: FitResult,
+                        training: dict[str, Any], settings: LearnerSettings, repository: Path, number: int,
+                        incumbent_version: int | None, record: Callable[..., RoundRecord]) -> RoundOutcome:
+    """Step 4 with per-group promotion: publish ``candidate`` for the groups of ``serves`` it raises on their own
+    (for every group when it raises all of a default incumbent's); keep it when it raises none."""
+    moved = passing_units(new, old, {g: [g] for g in serves}, gate_config(settings))
+    gate = dataclasses.asdict(decision) | {"promoted_groups": moved, "serves": serves}
+    if not moved:
+        return RoundOutcome(record("kept: no group gains on its own; " + decision.reason, gate, incumbent_version,
+                                   fit.losses, training), decision, None)
+    groups = None if default and set(moved) >= set(serves) else moved
+    version = publish_candidate(candidate, repository, settings.loop.model_name, {
+        "round": number, "reference_version": incumbent_version, "reason": decision.reason,
+        "overall": decision.overall_candidate, GROUPS: groups,
+    })
+    what = "promoted" if groups is None else f"promoted for {len(moved)} of {len(serves)} groups ({', '.join(moved)})"
+    return RoundOutcome(record(what, gate, version, fit.losses, training), decision, candidate, groups)
 
 
 def publish_candidate(gmllm: GMLLM, repository: Path, model_name: str, metadata: dict) -> int:

@@ -31,7 +31,7 @@ from learner.metrics import loop_state, start_learner_metrics
 from learner.loop import NEW, FeaturesFor, JudgeFor, LearnerLoop, group_feature_source
 from learner.model.artifact import MANIFEST, ArtifactError, verify_artifact
 from learner.model.gmllm import GMLLM
-from learner.publish import latest_version, publish_version
+from learner.publish import latest_version, publish_version, routing
 
 MALFORMED_SHOWN = 10
 """Malformed pair messages printed (with the reason) per run; the result counts them all."""
@@ -122,8 +122,9 @@ def base_paths(settings: Settings, base: Path | None, traffic: Path | None) -> t
 
 
 def load_incumbent(repo: Path, name: str, base_model: Path | None, echo: Callable[[str], None]) -> tuple[GMLLM, int]:
-    """The latest published version, loaded; the base model is published as version 1 first when there is none."""
-    version = latest_version(repo, name)
+    """The default published version (the latest one that went live for every group, :func:`learner.publish.routing`),
+    loaded; the base model is published as version 1 first when there is none."""
+    version = routing(repo, name).default if latest_version(repo, name) is not None else None
     if version is not None:
         gmllm = GMLLM.load(repo / name / str(version))
         note = f" (the base {base_model} is not republished; it only supplies the catalogue)" if base_model else ""

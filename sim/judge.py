@@ -14,9 +14,10 @@ prompts, per product (the same search as ``osmf world oracle``).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -118,10 +119,17 @@ class WorldCTR:
     seed_offset: int = 0
     """Added to every sampling seed: a judge with another offset draws independent samples (e.g. the truth
     beside an estimate that uses offset 0)."""
+    only: frozenset[str] | None = None
+    """Judge only these groups (None: every group with features and members); see :meth:`restricted`."""
 
     def groups(self) -> list[str]:
-        """Groups that have both features and members."""
-        return sorted(g for g in self.features if self.members.get(g))
+        """Groups that have both features and members (those of ``only``, when set)."""
+        return sorted(g for g in self.features if self.members.get(g) and (self.only is None or g in self.only))
+
+    def restricted(self, groups: Iterable[str]) -> WorldCTR:
+        """The same judge (products, draws, seeds) for ``groups`` only: a version that serves only some groups
+        is judged where it serves."""
+        return dataclasses.replace(self, only=frozenset(groups), last_sampled={}, last_se={}, last_per_product={})
 
     def judged_products(self, group: str) -> list[Product]:
         """The products of ``group``'s category that are judged."""

@@ -216,6 +216,53 @@ def test_a_candidate_refused_for_one_group_is_refitted_without_that_groups_pairs
     assert training["mirrored"] > 0, "mugs/g0, now without pairs, is held by mirrored pairs of mugs/g1"
 
 
+def test_group_promotion_publishes_a_version_for_the_groups_it_raises_and_fits_each_version_on_its_groups(  # noqa: ANN001
+        tmp_path, base_artifact, tiny_log, features, pairs, one_thread) -> None:  # noqa: ANN001
+    from learner.publish import published_groups, routing
+
+    settings = SETTINGS.model_copy(update={
+        "dpo": SETTINGS.dpo.model_copy(update={"max_steps": 2, "min_steps": 1}),
+        "loop": SETTINGS.loop.model_copy(update={"accuracy_tolerance": 1.0, "promotion": "group"}),
+    })
+    seen: list[object] = []
+    served: list[list[str]] = []
+
+    def judge_for(round_features):  # noqa: ANN001, ANN202
+        served.append(sorted(round_features))
+
+        def served_ctr(gmllm, one_size=False):  # noqa: ANN001, ANN202 - each newer model: g0 up, g1 down
+            if not any(gmllm is m for m in seen):
+                seen.append(gmllm)
+            k = next(i for i, m in enumerate(seen) if m is gmllm)
+            return {g: (0.05 + 0.01 * k if g == "mugs/g0" else 0.05 - 0.01 * k) for g in round_features}
+
+        return served_ctr
+
+    loop = _loop(tmp_path, base_artifact, tiny_log, features, settings, judge=judge_for)
+    seen.append(loop.incumbent)
+    base = loop.incumbent
+    for pair in pairs[:60]:
+        loop.offer(pair)
+    first = loop.train_round(now=1.0)
+    assert first.decision.startswith("promoted for 1 of 2 groups (mugs/g0)"), first.decision
+    assert first.outcome.groups == ["mugs/g0"] and published_groups(loop.repository, "gmllm", 2) == ["mugs/g0"]
+    assert (loop.version, loop.incumbent) == (1, base), "the default version still serves mugs/g1"
+    assert routing(loop.repository, "gmllm") == loop.routing
+    assert (loop.routing.version_for("mugs/g0"), loop.routing.version_for("mugs/g1")) == (2, 1)
+
+    for pair in pairs[60:120]:
+        loop.offer(pair)
+    second = loop.train_round(now=2.0)
+    assert served[1:] == [["mugs/g1"], ["mugs/g0"]], "each version is fitted and judged on its own groups"
+    assert [s.outcome.record.reference_version for s in second.lineages] == [1, 2]
+    assert [set(s.outcome.record.pairs_per_group) for s in second.lineages] == [{"mugs/g1"}, {"mugs/g0"}]
+    assert second.lineages[0].decision.startswith("version 1: kept"), second.decision
+    assert loop.routing.version_for("mugs/g0") == 3 and loop.routing.version_for("mugs/g1") == 1
+    assert [r["round"] for r in read_rounds(loop.history)] == [1, 2, 3]
+    restarted = LearnerLoop(base, 1, tiny_log.products, lambda ids: {}, settings, loop.repository, loop.history)
+    assert restarted.routing == loop.routing and restarted.next_round == 4
+
+
 def test_group_features_come_from_the_traffic_log_when_the_store_is_off_or_not_applied(tmp_path, features) -> None:  # noqa: ANN001, E501
     for enabled in (False, True):
         settings = load_settings(data_dir=tmp_path, features={"enabled": enabled})

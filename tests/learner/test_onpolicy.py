@@ -272,3 +272,53 @@ def test_reweighted_judge_pairs_the_candidate_with_the_incumbents_own_samples(ti
     new, old = judged_pair(judge, tilted, base, estimate="reweight")
     assert {g: f.ctr_values for g, f in old.items()} == {g: f.ctr_values for g, f in same_old.items()}
     assert any(new[g].ctr_values != pytest.approx(old[g].ctr_values) for g in old)
+
+
+class _ScriptedGateJudge:
+    """A gate's judge for which every model newer than the base raises mugs/pinkish and lowers mugs/calm
+    (by 0.01 per model seen, in the order seen): one candidate is good for one group and bad for the other."""
+
+    def __init__(self, base, order: list | None = None, only: frozenset | None = None) -> None:  # noqa: ANN001
+        self.base, self.order, self.only = base, order if order is not None else [base], only
+        self.last_se: dict[str, float] = {}
+        self.last_per_product: dict[str, list[float]] = {}
+
+    def groups(self) -> list[str]:
+        return sorted(g for g in ("mugs/calm", "mugs/pinkish") if self.only is None or g in self.only)
+
+    def restricted(self, groups) -> "_ScriptedGateJudge":  # noqa: ANN001
+        return _ScriptedGateJudge(self.base, self.order, frozenset(groups))
+
+    def __call__(self, gmllm, one_size: bool = False) -> dict[str, float]:  # noqa: ANN001
+        if not any(gmllm is seen for seen in self.order):
+            self.order.append(gmllm)
+        k = next(i for i, seen in enumerate(self.order) if seen is gmllm)
+        ctr = {"mugs/pinkish": 0.03 + 0.01 * k, "mugs/calm": 0.03 - 0.01 * k}
+        self.last_se = {g: 0.0005 for g in self.groups()}
+        return {g: ctr[g] for g in self.groups()}
+
+
+def test_group_promotion_puts_a_candidate_live_only_for_the_groups_it_raises(tiny_setup) -> None:  # noqa: ANN001
+    from bench.onpolicy import Arm, onpolicy_round
+    from learner.pretrain import torch_threads
+
+    world, settings, base, features, members, products = tiny_setup
+    settings = settings.model_copy(update={"loop": settings.loop.model_copy(update={"promotion": "group"})})
+    arm = Arm("Group-DPO", base, dict(features), dict(members), one_size=False)
+    judge = _ScriptedGateJudge(base)
+    with torch_threads(1):
+        first = onpolicy_round(arm, world, products, settings, seed=0, round_number=1, gate_judge=judge)
+        assert first["promoted_targets"] == ["mugs/pinkish"], first["reason"]
+        assert arm.live_model("mugs/calm") is base and arm.live_model("mugs/pinkish") is not base
+        moved = arm.live_model("mugs/pinkish")
+        # Round 2: each live model is fitted on its own group's pairs and gated for it alone.
+        second = onpolicy_round(arm, world, products, settings, seed=0, round_number=2, gate_judge=judge)
+    assert [lineage["targets"] for lineage in second["lineages"]] == [["mugs/calm"], ["mugs/pinkish"]]
+    for lineage in second["lineages"]:
+        assert set(lineage["pairs_per_group"]) <= set(lineage["targets"]), lineage
+    assert second["promoted_targets"] == ["mugs/pinkish"]
+    assert arm.live_model("mugs/calm") is base
+    assert arm.live_model("mugs/pinkish") is not moved and arm.live_model("mugs/pinkish") is not base
+    fitted = [entry for entry in second["candidates"]]
+    assert [targets for _, targets, _ in fitted] == [["mugs/calm"], ["mugs/pinkish"]]
+    assert [went for _, _, went in fitted] == [[], ["mugs/pinkish"]]

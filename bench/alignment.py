@@ -153,7 +153,8 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     from rich.console import Console
     from rich.progress import Progress
 
-    from bench.onpolicy import Arm, default_gate, onpolicy_round, target_groups
+    from bench.onpolicy import Arm, default_gate, onpolicy_round
+    from learner.dpo.onpolicy import target_groups
     from sim.judge import WorldCTR, group_members
     from sim.world import World
 

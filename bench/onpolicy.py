@@ -49,6 +49,7 @@ from learner.baselines.config import KTOBaselineConfig, RLOOBaselineConfig
 from learner.data import ProductRecord
 from learner.dpo.onpolicy import (
     best_winner_pairs,
+    target_groups,
     mine_slate_pairs,
     protection_for,
     sample_slates,
@@ -111,21 +112,6 @@ class Arm:
             model = self.live_model(target)
             out.setdefault(id(model), (model, []))[1].append(target)
         return list(out.values())
-
-
-def target_groups(target: str, groups: Sequence[str]) -> list[str]:
-    """The judged ``groups`` a training target serves: itself, or every group of its category for a one-size
-    target (``<category>/all``).
-
-    >>> target_groups("mugs/all", ["mugs/g0", "mugs/g1", "pens/g0"])
-    ['mugs/g0', 'mugs/g1']
-    >>> target_groups("mugs/g1", ["mugs/g0", "mugs/g1"])
-    ['mugs/g1']
-    """
-    if target.endswith("/all"):
-        category = target.split("/", 1)[0]
-        return [g for g in groups if g.split("/", 1)[0] == category]
-    return [g for g in groups if g == target]
 
 
 def slate_products(world: World, products: Mapping[str, ProductRecord], targets: Sequence[str],

@@ -64,6 +64,21 @@ class Anchor:
     prompt: str
 
 
+def target_groups(target: str, groups: Sequence[str]) -> list[str]:
+    """The judged ``groups`` a training target serves: itself, or every group of its category for a one-size
+    target (``<category>/all``).
+
+    >>> target_groups("mugs/all", ["mugs/g0", "mugs/g1", "pens/g0"])
+    ['mugs/g0', 'mugs/g1']
+    >>> target_groups("mugs/g1", ["mugs/g0", "mugs/g1"])
+    ['mugs/g1']
+    """
+    if target.endswith("/all"):
+        category = target.split("/", 1)[0]
+        return [g for g in groups if g.split("/", 1)[0] == category]
+    return [g for g in groups if g == target]
+
+
 def sample_slates(
     gmllm: GMLLM,
     targets: Mapping[str, GroupFeatures | str],

@@ -8,7 +8,7 @@ index, so ad requests are served from the first call.
 Why not (only) Triton's response cache: the hot path must not wait for a
 server round trip at all (p99 goal 10 ms with generation taking far longer),
 the slate must survive a version switch until the new one is generated, and
-``creative``'s responses depend on the live version, which a cache keyed on
+``creative``'s responses depend on the group's version, which a cache keyed on
 ``creative``'s inputs would not see change (docs/serving.md).
 """
 
@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +87,9 @@ class SlateCache:
                     handle.write(json.dumps(line) + "\n")
         return slate
 
-    def load(self, version: int) -> int:
-        """Reload the indexed slates of ``version`` (the newest line per pair wins); returns how many."""
+    def load(self, version: int, group_versions: Mapping[str, int] | None = None) -> int:
+        """Reload the indexed slates of ``version``, or of ``group_versions[group]`` for the groups it names (the
+        newest line per pair wins); returns how many."""
         if self.root is None or not (self.root / "index.jsonl").is_file():
             return 0
         found: dict[tuple[str, str], dict] = {}
@@ -96,7 +98,7 @@ class SlateCache:
                 line = json.loads(raw)
             except json.JSONDecodeError:
                 continue
-            if line.get("version") == version:
+            if line.get("version") == (group_versions or {}).get(line.get("group"), version):
                 found[(line["group"], line["product"])] = line
         loaded = 0
         for (group, product), line in found.items():
@@ -109,6 +111,6 @@ class SlateCache:
                                                 path.read_bytes()))
             else:
                 with self._lock:
-                    self._slates[(group, product)] = CachedSlate(version, group, product, tuple(creatives))
+                    self._slates[(group, product)] = CachedSlate(int(line["version"]), group, product, tuple(creatives))
                 loaded += 1
         return loaded

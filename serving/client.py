@@ -10,9 +10,10 @@ How a call is answered (never by waiting for generation, never by raising):
 1. the product comes from the catalogue (a mapping or callable giving a
    :class:`learner.data.ProductRecord`); its category resolves the user to a
    group through the features API (:meth:`features.read.FeatureReader.resolve_group`);
-2. the (group, product) slate of K creatives from the live version is in the
-   in-memory cache (pre-generated in the background when a version goes live,
-   or on the first request for a new pair);
+2. the (group, product) slate of K creatives from the group's version (the
+   live one, or the one a per-group promotion routes the group to) is in the
+   in-memory cache (pre-generated in the background when the group's version
+   changes, or on the first request for a new pair);
 3. one creative of the slate is chosen by Thompson sampling on each
    candidate's Beta posterior: the group's CTR as a prior worth
    ``serving.prior_impressions`` impressions, plus the clicks and
@@ -34,13 +35,14 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_futures
 from dataclasses import dataclass
 from typing import Any
 
 from infra.contracts.prompt import parse_prompt
 from infra.settings import Settings
 from learner.data import ProductRecord
+from learner.publish import Routing
 from serving.cache import CachedSlate, SlateCache, creative_id
 from serving.metrics import ClientMetrics
 
@@ -68,7 +70,7 @@ class Creative:
 
 
 class CreativeClient:
-    """Serves creatives for (user, product) from pre-generated slates of the live version; see the module doc.
+    """Serves creatives for (user, product) from pre-generated slates of each group's version; see the module doc.
 
     Parameters
     ----------
@@ -81,7 +83,7 @@ class CreativeClient:
     seed
         Seeds the Thompson draws (None: random).
     watch
-        Follow the live version in the background (re-generating slates when it changes).
+        Follow the routing in the background (re-generating the slates of groups whose version changes).
     """
 
     def __init__(self, settings: Settings, catalog: Mapping[str, ProductRecord] | Callable[[str], ProductRecord | None],
@@ -108,6 +110,8 @@ class CreativeClient:
         self._group_text: dict[str, str] = {}
         self._stats: dict[str, tuple[float, dict[str, tuple[int, int]], float]] = {}  # group -> (ctr, prompts, at)
         self.live_version: int | None = None
+        self.routing = Routing()
+        """Which version serves each group (``creative``'s parameters); ``live_version`` is its default."""
         self._stop = threading.Event()
         self._neutral: dict[str, bytes] = {}
         if settings.serving.client_metrics_port:
@@ -131,7 +135,8 @@ class CreativeClient:
             if group is None:
                 return self._fallback(product_id, None, "unknown user", product)
             slate = self.cache.get(group, product_id)
-            if slate is None or (self.live_version is not None and slate.version != self.live_version):
+            expected = self.routing.version_for(group)
+            if slate is None or (expected is not None and slate.version != expected):
                 self.metrics.cache.labels("miss").inc()
                 self._schedule(group, product)
             else:
@@ -301,24 +306,39 @@ class CreativeClient:
                 future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return sum(1 for f in futures if f.done() and f.result() is not None)
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until no slate is being generated (at most ``timeout`` seconds); True when none is."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._pending_lock:
+                pending = [f for f in self._pending.values() if not f.done()]
+            if not pending:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            wait_futures(pending, timeout=left)
+
     # ------------------------------------------------------------------ live version
 
     def refresh_live_version(self) -> int | None:
-        """Ask Triton which version ``creative`` serves; on a change re-generate every known slate in the background."""
+        """Ask Triton which version serves each group (``creative``'s parameters); on a change re-generate in the
+        background every known slate whose group's version is no longer the slate's. Returns the live version."""
         try:
-            version = self._calls().live_version()
+            routing = self._calls().routing()
         except Exception:  # noqa: BLE001
-            version = None
-        if version is not None and version != self.live_version:
-            first = self.live_version is None
-            self.live_version = version
-            self.metrics.live_version.set(version)
+            routing = None
+        if routing is not None and routing != self.routing:
+            first = self.routing.default is None
+            self.routing, self.live_version = routing, routing.default
+            self.metrics.live_version.set(routing.default)
             if first:
-                self.cache.load(version)
-            for group, product_id in self.cache.pairs() + self.one_size.pairs():
-                product = self._product(product_id)
-                if product is not None:
-                    self._schedule(group, product)
+                self.cache.load(routing.default, routing.groups)
+            for cache in (self.cache, self.one_size):
+                for group, product_id in stale_pairs(cache, routing):
+                    product = self._product(product_id)
+                    if product is not None:
+                        self._schedule(group, product)
         return self.live_version
 
     def _watch(self) -> None:
@@ -339,6 +359,16 @@ class CreativeClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def stale_pairs(cache: SlateCache, routing: Routing) -> list[tuple[str, str]]:
+    """The (group, product) pairs of ``cache`` whose slate is not from the version ``routing`` serves the group."""
+    out = []
+    for group, product_id in cache.pairs():
+        slate = cache.get(group, product_id)
+        if slate is not None and slate.version != routing.version_for(group):
+            out.append((group, product_id))
+    return out
 
 
 def products_from_json(text: str) -> dict[str, ProductRecord]:

@@ -2,8 +2,18 @@
 
 State (``<data_dir>/serving/live.json``)::
 
-    {"live": 2, "previous": 1, "good": [1, 2], "refused": {"3": "reason"}, "rolled_back": [],
+    {"live": 2, "previous": 1, "good": [1, 2, 4], "refused": {"3": "reason"}, "rolled_back": [],
+     "groups": {"mugs/g0": 4},
+     "promotions": [{"version": 4, "groups": ["mugs/g0"], "before": {"live": 2, "previous": 1, "groups": {}}}],
      "events": [{"at": ..., "version": 2, "event": "live", "publish_to_live_s": 4.1}, ...]}
+
+``live`` serves every group that ``groups`` does not route elsewhere. A
+version published for some groups only (``published.groups`` in its
+``gmllm.json``, :func:`learner.publish.published_groups`) goes live for those
+groups: ``live`` stays and ``groups`` routes them to it; a version published
+for every group becomes ``live`` and clears ``groups``. ``promotions`` keeps
+the routing each promotion replaced (newest last), so ``rollback`` undoes the
+last promotion exactly.
 
 A candidate version is (1) checked against its manifest, (2) derived into
 Triton's layout and loaded beside the versions already serving, (3) asked for
@@ -13,11 +23,13 @@ at it. A failure at any step refuses the version: it is removed from Triton's
 layout (the published directory is never touched), the reason is recorded
 and reported, and the live version keeps serving. ``rollback`` points
 ``creative`` back at the previous good version, which ``live_and_previous``
-keeps loaded, so it is a switch, not a load.
+keeps loaded (with the versions of the routing before the last promotion),
+so it is a switch, not a load.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -31,17 +43,23 @@ from typing import Any
 from infra.contracts.prompt import PromptError, parse_prompt
 from infra.settings import Settings
 from learner.model.artifact import ArtifactError, verify_artifact
-from learner.publish import read_announcement, versions as published_versions
+from learner.publish import Routing, published_groups, read_announcement, versions as published_versions
 from serving import server
 from serving.repository import CREATIVE, GMLLM, RENDER, TritonRepository
 
 SMOKE_GROUP = "group smoke/g0 | 100% of smoke | ctr 1.0%"
 SMOKE_PRODUCT = {"id": "smoke-product", "category": "smoke", "title": "Smoke test product", "price": 1.0}
+MAX_PROMOTIONS = 20
+"""How many promotions ``rollback`` can undo in a row (older ones fall back to ``previous``)."""
 
 
 @dataclass
 class LiveState:
-    """Which version clients get, which one rollback returns to, and what was refused."""
+    """Which version serves each group, which routing rollback returns to, and what was refused.
+
+    ``live`` serves every group not in ``groups`` (group -> version); ``promotions``
+    lists the promotions ``rollback`` can undo, each with the routing it replaced.
+    """
 
     live: int | None = None
     previous: int | None = None
@@ -49,10 +67,87 @@ class LiveState:
     refused: dict[str, str] = field(default_factory=dict)
     rolled_back: list[int] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    groups: dict[str, int] = field(default_factory=dict)
+    promotions: list[dict[str, Any]] = field(default_factory=list)
 
     def record(self, version: int, event: str, **details: Any) -> None:
         self.events.append({"at": time.time(), "version": version, "event": event, **details})
         del self.events[:-200]
+
+    def routing(self) -> Routing:
+        """The routing clients get: ``live`` by default, ``groups`` for the others."""
+        return Routing(self.live, dict(self.groups))
+
+
+def promote_state(state: LiveState, version: int, groups: list[str] | None) -> LiveState:
+    """The state once ``version`` went live for ``groups`` (None: for every group; also the first version live).
+
+    >>> s = promote_state(promote_state(LiveState(), 1, ["a"]), 2, ["a", "b"])
+    >>> s.live, s.previous, s.groups, s.good
+    (1, None, {'a': 2, 'b': 2}, [1, 2])
+    >>> s = promote_state(s, 3, None)
+    >>> s.live, s.previous, s.groups
+    (3, 1, {})
+    """
+    out = copy.deepcopy(state)
+    before = {"live": state.live, "previous": state.previous, "groups": dict(state.groups)}
+    if groups is None or state.live is None:
+        out.previous, out.live, out.groups = state.live, version, {}
+    else:
+        out.groups = state.routing().then(version, groups).groups
+    if version not in out.good:
+        out.good.append(version)
+    out.promotions.append({"version": version, "groups": None if groups is None else list(groups), "before": before})
+    del out.promotions[:-MAX_PROMOTIONS]
+    return out
+
+
+def rollback_state(state: LiveState) -> tuple[LiveState, int]:
+    """The state once the last promotion is undone, and the version undone (now in ``rolled_back``).
+
+    The routing before the last promotion comes back (a group promotion: only
+    its groups change). Without a recorded promotion (an old ``live.json``, or
+    more than :data:`MAX_PROMOTIONS` rollbacks in a row) ``previous`` becomes
+    live for every group.
+
+    >>> s = promote_state(promote_state(promote_state(LiveState(), 1, None), 2, ["a"]), 3, None)
+    >>> s, undone = rollback_state(s)
+    >>> undone, s.live, s.groups
+    (3, 1, {'a': 2})
+    >>> s, undone = rollback_state(s)
+    >>> undone, s.live, s.groups
+    (2, 1, {})
+    """
+    out = copy.deepcopy(state)
+    last = out.promotions[-1] if out.promotions else None
+    if last is not None and last["before"].get("live") is not None:
+        out.promotions.pop()
+        before, undone = last["before"], int(last["version"])
+        out.live, out.previous = before["live"], before.get("previous")
+        out.groups = {str(g): int(v) for g, v in (before.get("groups") or {}).items()}
+    elif last is None and state.live is not None and state.previous is not None:
+        undone = state.live
+        earlier = [v for v in state.good if v < state.previous and v not in state.rolled_back]
+        out.live, out.previous, out.groups = state.previous, (earlier[-1] if earlier else None), {}
+    else:
+        raise server.ServingError("no previous good version to roll back to; `osmf serve versions` lists them")
+    out.rolled_back.append(undone)
+    return out, undone
+
+
+def kept_versions(state: LiveState, policy: str) -> list[int]:
+    """The gmllm versions Triton keeps loaded under ``serving.version_policy`` ``policy``: every version that
+    serves a group; plus ``previous`` and the routing before the last promotion (so rollback is a switch) unless
+    ``latest``; plus every good version under ``all``."""
+    wanted: set[int | None] = set(state.routing().versions())
+    if policy != "latest":
+        wanted.add(state.previous)
+        if state.promotions:
+            before = state.promotions[-1]["before"]
+            wanted |= {before.get("live"), *(before.get("groups") or {}).values()}
+    if policy == "all":
+        wanted |= set(state.good)
+    return sorted(int(v) for v in wanted if v is not None)
 
 
 def state_file(settings: Settings) -> Path:
@@ -99,12 +194,8 @@ class VersionManager:
     # ------------------------------------------------------------------ helpers
 
     def _kept(self, state: LiveState, extra: int | None = None) -> list[int]:
-        policy = self.settings.serving.version_policy
-        wanted = {state.live} if policy == "latest" else {state.live, state.previous}
-        if policy == "all":
-            wanted |= set(state.good)
-        wanted.add(extra)
-        return sorted(v for v in wanted if v is not None)
+        kept = kept_versions(state, self.settings.serving.version_policy)
+        return sorted({*kept, extra}) if extra is not None else kept
 
     def _sync_layout(self, versions: list[int]) -> None:
         for version in versions:
@@ -122,10 +213,15 @@ class VersionManager:
         else:
             server.unload_model(self.settings, GMLLM)
 
-    def _switch(self, version: int) -> None:
-        """Point ``creative`` at ``version`` (a reload of the small BLS model)."""
-        self.repository.write_creative_config(version)
+    def _switch(self, state: LiveState) -> None:
+        """Point ``creative`` at the routing of ``state`` (a reload of the small BLS model)."""
+        if state.live is None:
+            raise server.ServingError("no live version to point `creative` at; publish a version first")
+        self.repository.write_creative_config(state.live, state.groups)
         server.load_model(self.settings, CREATIVE)
+
+    def _groups_of(self, version: int) -> list[str] | None:
+        return published_groups(self.repository.published.parent, self.settings.learner.loop.model_name, version)
 
     # ------------------------------------------------------------------ start
 
@@ -139,10 +235,13 @@ class VersionManager:
             state = LiveState(refused=state.refused)  # the repository was replaced: start over
         if state.previous is not None and state.previous not in available:
             state.previous = None
+        if not set(kept_versions(state, "live_and_previous")) <= available:
+            state.groups = {g: v for g, v in state.groups.items() if v in available}  # a routed version is gone
+            state.promotions = []
         if state.live is not None:
             try:
                 self._load_gmllm(self._kept(state))
-                self._switch(state.live)
+                self._switch(state)
             except server.ModelLoadError as exc:
                 self.echo(f"live version {state.live} no longer loads ({exc}); looking for another")
                 state = LiveState(refused={**state.refused, str(state.live): str(exc)})
@@ -155,18 +254,26 @@ class VersionManager:
     # ------------------------------------------------------------------ promote
 
     def check(self) -> Outcome | None:
-        """Promote the newest published version that is newer than the live one and not refused; None if none."""
+        """Promote the next pending version (newer than the live one, not refused, rolled back or live already);
+        None if none.
+
+        Pending versions go live in publish order from the newest one published
+        for every group (it supersedes the older ones): group versions published
+        after it are promoted one per call, none is skipped.
+        """
         state = read_state(self.settings)
         repo, model = self.repository.published.parent, self.settings.learner.loop.model_name
-        newest = [v for v in published_versions(repo, model)
-                  if (state.live is None or v > state.live) and str(v) not in state.refused
-                  and v not in state.rolled_back and v not in state.good]
-        if not newest:
+        pending = [v for v in published_versions(repo, model)
+                   if (state.live is None or v > state.live) and str(v) not in state.refused
+                   and v not in state.rolled_back and v not in state.good]
+        if not pending:
             return None
-        return self.promote(newest[-1])
+        for_all = [i for i, v in enumerate(pending) if self._groups_of(v) is None]
+        return self.promote(pending[for_all[-1] if for_all else 0])
 
     def promote(self, version: int) -> Outcome:
-        """Load, smoke-test and make ``version`` live; refuse it (keeping the live one serving) on any failure."""
+        """Load, smoke-test and make ``version`` live (for its published groups, or for every group); refuse it
+        (keeping the current routing serving) on any failure."""
         with self._lock:
             started = time.monotonic()
             state = read_state(self.settings)
@@ -184,21 +291,24 @@ class VersionManager:
                 self.echo(f"version {version} refused: {reason}")
                 self._restore(state)
                 return Outcome(version, "refused", reason, time.monotonic() - started)
-            self._switch(version)
-            state.previous, state.live = state.live, version
-            if version not in state.good:
-                state.good.append(version)
+            groups = self._groups_of(version)
+            state = promote_state(state, version, groups)
+            self._switch(state)
             announcement = read_announcement(self.repository.published.parent, self.settings.learner.loop.model_name)
             to_live = None
             if announcement and announcement.get("version") == version and announcement.get("published_at"):
                 to_live = max(0.0, time.time() - float(announcement["published_at"]))
-            state.record(version, "live", seconds=time.monotonic() - started, publish_to_live_s=to_live)
+            for_groups = {"groups": groups} if groups is not None and state.live != version else {}
+            state.record(version, "live", seconds=time.monotonic() - started, publish_to_live_s=to_live, **for_groups)
             write_state(self.settings, state)
             try:
                 self._load_gmllm(self._kept(state))  # unload what the policy no longer keeps
             except server.ModelLoadError as exc:
                 self.echo(f"version {version} is live; trimming older versions failed: {exc}")
-            self.echo(f"version {version} is live (previous {state.previous})")
+            if for_groups:
+                self.echo(f"version {version} is live for groups {', '.join(groups or [])} (default {state.live})")
+            else:
+                self.echo(f"version {version} is live (previous {state.previous})")
             return Outcome(version, "live", "", time.monotonic() - started, to_live)
 
     def _restore(self, state: LiveState) -> None:
@@ -252,23 +362,32 @@ class VersionManager:
     # ------------------------------------------------------------------ rollback
 
     def rollback(self) -> Outcome:
-        """Make the previous good version live again (a switch of ``creative``); the rolled-back one stays out."""
+        """Undo the last promotion (:func:`rollback_state`; a switch of ``creative``); the undone version stays out.
+
+        A version that went live for every group: the routing before it serves
+        again. A version that went live for some groups: those groups go back to
+        the versions they had, the others are untouched.
+        """
         with self._lock:
             started = time.monotonic()
             state = read_state(self.settings)
-            if state.live is None or state.previous is None:
-                raise server.ServingError("no previous good version to roll back to; `osmf serve versions` lists them")
-            target, bad = state.previous, state.live
-            if target not in server.ready_versions(self.settings, GMLLM):
-                self._load_gmllm(sorted({target, bad}))
-            self._switch(target)
-            earlier = [v for v in state.good if v < target and v not in state.rolled_back]
-            state.live, state.previous = target, (earlier[-1] if earlier else None)
-            state.rolled_back.append(bad)
+            after, bad = rollback_state(state)
+            needed = after.routing().versions()
+            if not set(needed) <= set(server.ready_versions(self.settings, GMLLM)):
+                self._load_gmllm(sorted({*needed, *self._kept(state)}))
+            self._switch(after)
             seconds = time.monotonic() - started
-            state.record(bad, "rolled_back", to=target, seconds=seconds)
-            write_state(self.settings, state)
-            return Outcome(target, "live", f"rolled back from {bad}", seconds)
+            moved = sorted(g for g in {*state.groups, *after.groups}
+                           if state.routing().version_for(g) != after.routing().version_for(g))
+            if after.live != state.live:
+                after.record(bad, "rolled_back", to=after.live, groups=after.groups, seconds=seconds)
+                reason = f"rolled back from {bad}"
+            else:
+                back = {g: after.routing().version_for(g) for g in moved}
+                after.record(bad, "rolled_back", to=after.live, groups=back, seconds=seconds)
+                reason = f"rolled back version {bad} for groups {', '.join(moved) or '(none)'}"
+            write_state(self.settings, after)
+            return Outcome(after.live or 0, "live", reason, seconds)
 
 
 class SmokeError(RuntimeError):
@@ -317,8 +436,11 @@ def versions_table(settings: Settings) -> list[dict[str, Any]]:
     rounds = {r.get("version"): r for r in read_rounds(history_path(repo, model)) if r.get("version") is not None}
     rows = []
     for version in published_versions(repo, model):
+        routed = sum(1 for v in state.groups.values() if v == version)
         if version == state.live:
             what = "live"
+        elif routed:
+            what = f"live for {routed} group{'s' if routed > 1 else ''}"
         elif str(version) in state.refused:
             what = "refused"
         elif version in state.rolled_back:

@@ -11,7 +11,8 @@ this module keeps Triton's own layout (default ``<data_dir>/triton/repository``)
     render/config.pbtxt         python backend, dynamic batching; the render settings as a parameter
     render/1/model.py           serving/triton_models/render.py
     render/osmf_code/...        the project's renderer code (infra, serving.render)
-    creative/config.pbtxt       python BLS model; parameter gmllm_version = the live version
+    creative/config.pbtxt       python BLS model; parameters gmllm_version = the live version,
+                                group_versions = {group id: version} for groups served by another one
     creative/1/model.py         serving/triton_models/creative.py
 
 No path of the machine that generated it appears in it (``model.py`` finds its
@@ -24,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from infra.settings import Settings
@@ -115,8 +116,9 @@ def render_config(settings: Settings) -> str:
     )
 
 
-def creative_config(settings: Settings, live_version: int) -> str:
-    """``config.pbtxt`` of ``creative``, whose ``gmllm_version`` parameter is the live version."""
+def creative_config(settings: Settings, live_version: int, group_versions: Mapping[str, int] | None = None) -> str:
+    """``config.pbtxt`` of ``creative``: parameter ``gmllm_version`` is the live version, ``group_versions``
+    (JSON ``{group id: version}``) the groups another version serves (per-group promotion)."""
     cache = "response_cache { enable: true }\n" if settings.serving.response_cache else ""
     return (
         f'name: "{CREATIVE}"\nbackend: "python"\nmax_batch_size: 0\n{_GMLLM_IO}'
@@ -127,7 +129,8 @@ def creative_config(settings: Settings, live_version: int) -> str:
         '  { name: "MODEL_VERSION" data_type: TYPE_INT64 dims: [ 1 ] }\n]\n'
         f'instance_group [ {{ count: {max(2, settings.serving.instances)} kind: KIND_CPU }} ]\n'
         f'{cache}'
-        + _parameters({"gmllm_version": str(live_version)})
+        + _parameters({"gmllm_version": str(live_version),
+                       "group_versions": json.dumps({str(g): int(v) for g, v in sorted((group_versions or {}).items())})})
     )
 
 
@@ -223,6 +226,6 @@ class TritonRepository:
         """Write ``gmllm/config.pbtxt`` (see :func:`gmllm_config`)."""
         _write(self.root / GMLLM / "config.pbtxt", gmllm_config(self.settings))
 
-    def write_creative_config(self, live_version: int) -> None:
-        """Point ``creative`` at ``live_version``."""
-        _write(self.root / CREATIVE / "config.pbtxt", creative_config(self.settings, live_version))
+    def write_creative_config(self, live_version: int, group_versions: Mapping[str, int] | None = None) -> None:
+        """Point ``creative`` at ``live_version``, and the groups in ``group_versions`` at theirs."""
+        _write(self.root / CREATIVE / "config.pbtxt", creative_config(self.settings, live_version, group_versions))

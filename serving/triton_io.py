@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from infra.settings import Settings
+from learner.publish import Routing
 from serving.repository import CREATIVE, GMLLM, RENDER
 
 
@@ -120,13 +121,36 @@ class TritonCalls:
 
     def live_version(self) -> int | None:
         """The version ``creative`` serves (its ``gmllm_version`` parameter), or None when it is not loaded."""
+        routing = self.routing()
+        return None if routing is None else routing.default
+
+    def routing(self) -> Routing | None:
+        """Which version ``creative`` serves each group (``gmllm_version``, ``group_versions``), or None when it is
+        not loaded or serves no version yet."""
         try:
             config = self._client.get_model_config(CREATIVE)
         except Exception:  # noqa: BLE001
             return None
         if self.protocol == "grpc":
-            params = config.config.parameters
-            value = params["gmllm_version"].string_value if "gmllm_version" in params else ""
+            params = {k: v.string_value for k, v in config.config.parameters.items()}
         else:
-            value = config.get("parameters", {}).get("gmllm_version", {}).get("string_value", "")
-        return int(value) if value.lstrip("-").isdigit() and int(value) > 0 else None
+            params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        return routing_of(params)
+
+
+def routing_of(params: dict[str, str]) -> Routing | None:
+    """The routing in ``creative``'s parameters; None without a live version (a bad ``group_versions``: no routes,
+    as ``creative`` itself reads it).
+
+    >>> routing_of({"gmllm_version": "2", "group_versions": '{"mugs/g0": 3}'})
+    Routing(default=2, groups={'mugs/g0': 3})
+    >>> routing_of({"gmllm_version": "-1"}), routing_of({"gmllm_version": "2", "group_versions": "oops"})
+    (None, Routing(default=2, groups={}))
+    """
+    from serving.triton_models.creative import group_versions_param
+
+    value = params.get("gmllm_version", "")
+    if not (value.lstrip("-").isdigit() and int(value) > 0):
+        return None
+    groups, _complaint = group_versions_param(params.get("group_versions", ""))
+    return Routing(int(value), {g: v for g, v in sorted(groups.items()) if v != int(value)})

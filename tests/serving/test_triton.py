@@ -1,4 +1,5 @@
-"""Serving on the real tritonserver (nvidia-pytriton's CPU build, .venv-triton): versions, refusal, rollback, client.
+"""Serving on the real tritonserver (nvidia-pytriton's CPU build, .venv-triton): versions, refusal, rollback, client,
+per-group versions.
 
 One server for the module (start ~1 s, each gmllm version load ~5 s on 2 cores).
 Without the Triton environment these tests skip — or fail under
@@ -29,6 +30,7 @@ from serving.triton_io import TritonCalls
 TINY = ModelSettings(vocab_size=500, hidden_size=48, layers=2, heads=4, intermediate_size=96,
                      vision_hidden_size=16, vision_layers=1, image_size=16, patch_size=8)
 GROUP_TEXT = "group mugs/g0 | 60% of mugs | ctr 4.0% | likes primary=pink"
+OTHER_GROUP_TEXT = "group mugs/g1 | 40% of mugs | ctr 2.0% | likes primary=blue"
 PRODUCT = {"id": "mug-1", "category": "mugs", "title": "Enamel mug", "price": 9.5}
 SIZE = 64
 
@@ -57,12 +59,15 @@ def serving_settings(data_dir: Path, **serving: object) -> Settings:
     )
 
 
-def publish_tiny(settings: Settings, seed: int, tamper=None) -> int:  # noqa: ANN001
+def publish_tiny(settings: Settings, seed: int, tamper=None, groups: list[str] | None = None) -> int:  # noqa: ANN001
+    """Publish a tiny model as the next version (for ``groups`` only when given, as ``learner.round`` does)."""
     from learner.model.gmllm import GMLLM as Model
 
     artifact = settings.data_dir / f"artifact-{seed}"
-    Model.build(TINY, corpus=[GROUP_TEXT], seed=seed).save(artifact)
-    published = publish_version(artifact, settings.data_dir / "models", GMLLM, verify=verify_artifact)
+    metadata = {} if groups is None else {"groups": groups}
+    Model.build(TINY, corpus=[GROUP_TEXT], seed=seed).save(artifact, extra={"published": metadata})
+    published = publish_version(artifact, settings.data_dir / "models", GMLLM, verify=verify_artifact,
+                                metadata=metadata)
     if tamper is not None:
         tamper(published.path)
     return published.version
@@ -116,10 +121,10 @@ def in_process(settings: Settings, version: int, seed: int, k: int) -> list[str]
     return [g.prompt.to_text() if g.prompt is not None else g.text for g in out]
 
 
-def ask_creative(settings: Settings, seed: int = 7, protocol: str = "grpc"):  # noqa: ANN201
+def ask_creative(settings: Settings, seed: int = 7, protocol: str = "grpc", group_text: str = GROUP_TEXT):  # noqa: ANN201
     calls = TritonCalls(settings, protocol=protocol)
     try:
-        return calls.creative(GROUP_TEXT, PRODUCT, None, k=3, seed=seed, temperature=0.9)
+        return calls.creative(group_text, PRODUCT, None, k=3, seed=seed, temperature=0.9)
     finally:
         calls.close()
 
@@ -244,3 +249,81 @@ def test_creative_for_user_explores_the_slate(served, tmp_path: Path) -> None:  
         assert unknown_product.fallback and unknown_product.reason == "unknown product"
         text = json.dumps([c.creative_id for c in shown])
         assert "cr-" in text
+
+
+class _Groups:
+    """A features reader that knows two users' groups and nothing else (the client falls back to ``group <id>``)."""
+
+    users = {"u0": "mugs/g0", "u1": "mugs/g1"}
+
+    def resolve_group(self, user_id: str, category: str) -> str | None:
+        return self.users.get(user_id)
+
+    def read_group_rows(self, groups: list[str]) -> object:
+        raise LookupError("no group features in this test")
+
+
+def _versions_served(settings: Settings) -> tuple[int, int, int]:
+    """The versions ``creative`` answers mugs/g0, mugs/g1 and the one-size text with."""
+    from serving.client import ONE_SIZE_TEXT
+
+    return tuple(ask_creative(settings, group_text=t).version  # type: ignore[return-value]
+                 for t in (GROUP_TEXT, OTHER_GROUP_TEXT, ONE_SIZE_TEXT))
+
+
+def test_per_group_versions_route_switch_and_roll_back(served) -> None:  # noqa: ANN001
+    """Version 5 goes live for mugs/g0 only, 6 for everyone (routes cleared), then two rollbacks undo them."""
+    from serving.client import CreativeClient
+    from serving.live import versions_table
+
+    settings, manager = served
+    assert read_state(settings).live == 1
+    catalog = {"mug-1": ProductRecord("mug-1", "mugs", "Enamel mug", 9.5)}
+    with CreativeClient(settings, catalog, reader=_Groups(), seed=0, watch=False) as client:
+        client.prepare([("mugs/g0", "mug-1"), ("mugs/g1", "mug-1")], wait=True, timeout=120)
+
+        def shown() -> tuple[str, str]:
+            assert client.refresh_live_version() is not None and client.wait(120)
+            first, second = client.creative_for("u0", "mug-1"), client.creative_for("u1", "mug-1")
+            assert not first.fallback and not second.fallback, (first.reason, second.reason)
+            return first.model_version, second.model_version
+
+        assert shown() == ("1", "1")
+        version = publish_tiny(settings, seed=5, groups=["mugs/g0"])
+        outcome = manager.check()
+        assert outcome is not None and (outcome.version, outcome.result) == (version, "live"), outcome
+        state = read_state(settings)
+        assert (state.live, state.groups) == (1, {"mugs/g0": version})
+        check_slate(settings, ask_creative(settings), version)  # the group's text gets the group's version
+        assert _versions_served(settings) == (version, 1, 1)
+        assert {1, version} <= set(server.ready_versions(settings, GMLLM))
+        assert {r["version"]: r["state"] for r in versions_table(settings)}[version] == "live for 1 group"
+        untouched = client.cache.get("mugs/g1", "mug-1")
+        assert shown() == (str(version), "1")
+        assert client.cache.get("mugs/g1", "mug-1") is untouched, "only the routed group's slate is re-generated"
+
+        everyone = publish_tiny(settings, seed=6)
+        outcome = manager.check()
+        assert outcome is not None and (outcome.version, outcome.result) == (everyone, "live"), outcome
+        state = read_state(settings)
+        assert (state.live, state.previous, state.groups) == (everyone, 1, {})
+        assert _versions_served(settings) == (everyone,) * 3
+        assert {1, version, everyone} <= set(server.ready_versions(settings, GMLLM)), "rollback stays a switch"
+        assert shown() == (str(everyone), str(everyone))
+
+        outcome = manager.rollback()
+        assert (outcome.version, outcome.reason) == (1, f"rolled back from {everyone}")
+        assert read_state(settings).groups == {"mugs/g0": version}
+        assert _versions_served(settings) == (version, 1, 1)
+        assert shown() == (str(version), "1")
+
+        untouched = client.cache.get("mugs/g1", "mug-1")
+        outcome = manager.rollback()
+        assert outcome.version == 1 and "mugs/g0" in outcome.reason, outcome
+        state = read_state(settings)
+        assert (state.live, state.groups) == (1, {}) and {version, everyone} <= set(state.rolled_back)
+        assert state.events[-1]["event"] == "rolled_back" and state.events[-1]["groups"] == {"mugs/g0": 1}
+        assert _versions_served(settings) == (1, 1, 1)
+        assert shown() == ("1", "1")
+        assert client.cache.get("mugs/g1", "mug-1") is untouched
+        assert manager.check() is None

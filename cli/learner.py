@@ -371,7 +371,7 @@ def _print_run_summary(result: Any) -> None:
         table = Table(title=f"learner rounds (live version {loop.version})")
         for column in ("round", "train pairs", "held-out", "groups", "steps", "seconds", "decision", "version"):
             table.add_column(column, justify="left" if column == "decision" else "right")
-        for r in loop.rounds:
+        for r in (lineage for summary in loop.rounds for lineage in (summary.lineages or (summary,))):
             table.add_row(str(r.number), str(r.train_pairs), str(r.heldout_pairs), str(r.groups), str(r.steps),
                           f"{r.seconds:.1f}", r.decision, str(r.version))
         console.print(table)
@@ -386,6 +386,10 @@ def _print_run_summary(result: Any) -> None:
         shown = ", ".join(f"{g} ({n})" for g, n in c.unknown_group_ids.most_common(5))
         lines.append(f"left out of the last round, group without features: {c.unknown_group} ({shown})")
     lines.append(f"rounds run: {len(loop.rounds)}; live version {loop.version}; history: {loop.history}")
+    routed = getattr(loop, "routing", None)
+    if routed is not None and routed.groups:
+        lines.append("groups served by another version (per-group promotion): "
+                     + ", ".join(f"{g} -> v{v}" for g, v in sorted(routed.groups.items())))
     for line in lines:
         typer.echo(line)
 

@@ -71,6 +71,9 @@ def status_command() -> None:
     state = read_state(settings)
     typer.echo(f"tritonserver pid {status.pid}: {'ready' if status.ready else 'live, not ready'}; "
                f"live version {state.live}, previous {state.previous}")
+    if state.groups:  # per-group promotion: these groups are served by another version than the live one
+        routed = ", ".join(f"{group} -> v{version}" for group, version in sorted(state.groups.items()))
+        typer.echo(f"  routed groups ({len(state.groups)}): {routed}")
     for model in status.models:
         typer.echo(f"  {model.get('name')} v{model.get('version', '-')}: {model.get('state', 'UNAVAILABLE')}"
                    + (f" ({model['reason']})" if model.get("reason") else ""))

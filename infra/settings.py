@@ -361,12 +361,12 @@ class LoopSettings(BaseModel):
         False, description="On-policy pairs: keep per (group, product) only the pairs of the slate's best winner."
     )
     repair_fits: int = Field(
-        0, ge=0, le=5, description="Gate: when a candidate is refused because groups regress, refit from the "
+        0, ge=0, le=5, description="Gate (promotion=model): when a candidate is refused because groups regress, refit from the "
         "incumbent up to this many times without those groups' pairs (they become groups without evidence, held "
         "by dpo.preserve) and gate again; 0: off."
     )
     promotion: Literal["model", "group"] = Field(
-        "model", description="Gate: model, a candidate goes live for every group or for none; group, it goes live "
+        "group", description="Gate: model, a candidate goes live for every group or for none; group, it goes live "
         "for each group it raises without regressing (the others keep the version they had, and their next "
         "round fits from it): one group's regression no longer holds back the others' gains."
     )

@@ -152,7 +152,7 @@ def test_a_candidate_the_gate_refuses_publishes_nothing_and_the_reason_is_logged
                                                                                   features, pairs, one_thread) -> None:  # noqa: ANN001
     settings = SETTINGS.model_copy(update={  # only the simulated CTR can refuse it here
         "dpo": SETTINGS.dpo.model_copy(update={"max_steps": 2}),
-        "loop": SETTINGS.loop.model_copy(update={"accuracy_tolerance": 1.0}),
+        "loop": SETTINGS.loop.model_copy(update={"accuracy_tolerance": 1.0, "promotion": "model"}),
     })
     judged: list[str] = []
 
@@ -186,7 +186,8 @@ def test_a_candidate_refused_for_one_group_is_refitted_without_that_groups_pairs
                                                                                  features, pairs, one_thread) -> None:  # noqa: ANN001
     settings = SETTINGS.model_copy(update={
         "dpo": SETTINGS.dpo.model_copy(update={"max_steps": 2, "min_steps": 1, "preserve": "mirror"}),
-        "loop": SETTINGS.loop.model_copy(update={"accuracy_tolerance": 1.0, "repair_fits": 1}),
+        "loop": SETTINGS.loop.model_copy(update={"accuracy_tolerance": 1.0, "repair_fits": 1,
+                                                  "promotion": "model"}),
     })
     candidates: list[object] = []
 

@@ -51,11 +51,11 @@ from learner.dpo.onpolicy import (
     best_winner_pairs,
     target_groups,
     mine_slate_pairs,
+    protected_fit,
     protection_for,
     sample_slates,
     with_margin,
 )
-from learner.dpo.train import fit_group_dpo
 from learner.gate import GateConfig, GroupFigures, decide, passing_units, regressed_groups
 from learner.model.gmllm import GMLLM
 from learner.round import gate_config, judged, judged_pair
@@ -289,12 +289,8 @@ def _round(
 def _fit(arm: Arm, pairs: list[Any], held: Any, products: Mapping[str, ProductRecord], settings: LearnerSettings,
          dpo: Any) -> tuple[GMLLM, Any]:
     """Step 5: a copy of the live model fitted on ``pairs`` plus the protection ``held`` (mirrored pairs at
-    ``preserve_weight``, anchors); returns the candidate and the fit."""
-    candidate = arm.model.copy()
-    weights = [1.0] * len(pairs) + [max(settings.dpo.preserve_weight, 1e-6)] * len(held.mirrored)
-    fit = fit_group_dpo(candidate, arm.model, pairs + held.mirrored, arm.targets, products, dpo,
-                        anchors=held.anchors, pair_weights=weights)
-    return candidate, fit
+    ``preserve_weight``, anchors); returns the candidate and the fit (:func:`learner.dpo.onpolicy.protected_fit`)."""
+    return protected_fit(arm.model, pairs, held, arm.targets, products, settings, dpo)
 
 
 def _gated(arm: Arm, candidate: GMLLM, figures: dict[str, Any], settings: LearnerSettings,

@@ -27,6 +27,13 @@
    :class:`sim.judge.WorldCTR`) and, if promoted, serves the new version
    (new slates) from ``boundary + the round's wall seconds`` on: training
    time counts as simulated time, so "evidence → live" is honest.
+   With ``learner.loop.promotion = "group"`` each arm keeps a live model and
+   version per target: a round fits each *lineage* (the targets one live
+   model serves) from that model on its own targets' pairs, gates it on
+   their groups only (:meth:`sim.judge.WorldCTR.restricted`) and puts it live
+   for the targets that pass (:func:`learner.gate.passing_units`); the others
+   keep their model, slates and counts. An impression's ``model_version``
+   names the version serving its target.
 4. Every arm's click stream runs through :class:`streams.drift.DriftMonitor`
    per group; with ``shifts:`` in the world the report names the alerts and
    which groups' top creatives changed after the first alert.
@@ -43,7 +50,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,12 +58,12 @@ from typing import Any
 import numpy as np
 
 from infra.contracts.events import Click, Impression
+from infra.contracts.messages import PreferencePair
 from infra.contracts.prompt import parse_prompt
 from infra.settings import QUICK_MODEL, LearnerSettings
 from learner.dpo.data import category_features
-from learner.dpo.onpolicy import mine_slate_pairs, protection_for, sample_slates
-from learner.dpo.train import fit_group_dpo
-from learner.gate import GroupFigures, decide
+from learner.dpo.onpolicy import fit_with_protection, mine_slate_pairs, sample_slates, target_groups
+from learner.gate import GroupFigures, decide, passing_units
 from learner.model.gmllm import GMLLM
 from learner.round import gate_config, judged
 from sim.judge import WorldCTR, group_members
@@ -143,6 +150,28 @@ def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
+class _Move:
+    """A gated candidate going live for ``targets`` (every target under model-level promotion) as ``version``,
+    with its slates; ``figures`` (the round's, or its lineage's) get the live time."""
+
+    model: GMLLM
+    targets: list[str]
+    slates: dict[tuple[str, str], list[str]]
+    version: int
+    evidence_ts: int
+    figures: dict[str, Any]
+
+
+@dataclass
+class _Pending:
+    """A round's promotions, live from ``live_ts`` (the round's boundary plus its wall time) on."""
+
+    live_ts: int
+    figures: dict[str, Any]
+    moves: list[_Move]
+
+
+@dataclass
 class _ArmState:
     name: str
     model: GMLLM
@@ -150,13 +179,23 @@ class _ArmState:
     members: dict[str, Counter]
     one_size: bool
     retrain: bool
+    per_target: bool = False
+    """``learner.loop.promotion = "group"``: a live model and version per target (``live``, ``target_version``)."""
     version: int = 0
+    """The newest version put live (per target: the arm's version counter)."""
+    live: dict[str, GMLLM] = field(default_factory=dict)
+    """Per target: its live model when it is not ``model``."""
+    target_version: dict[str, int] = field(default_factory=dict)
+    """Per target: the version serving it (empty under model-level promotion: ``version`` serves all)."""
     slates: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     counts: dict[tuple[str, str], dict[str, list[int]]] = field(default_factory=dict)
     last_ts: dict[tuple[str, str, str], int] = field(default_factory=dict)
-    pending: tuple[GMLLM, int, dict[tuple[str, str], list[str]], dict[str, Any]] | None = None
+    pending: _Pending | None = None
     gate_figures: dict[str, GroupFigures] | None = None
-    """The live model's figures by the gate's judge (computed once per live model)."""
+    """The live model's figures by the gate's judge (computed once per live model; per target: per group, of
+    the model serving it)."""
+    version_impressions: Counter = field(default_factory=Counter)
+    """Impressions per served version label."""
     rounds: list[dict[str, Any]] = field(default_factory=list)
     versions: list[dict[str, Any]] = field(default_factory=list)
     group_counts: dict[str, list[int]] = field(default_factory=dict)
@@ -168,6 +207,22 @@ class _ArmState:
 
     def target_of(self, group: str) -> str:
         return f"{group.split('/', 1)[0]}/all" if self.one_size else group
+
+    def live_model(self, target: str) -> GMLLM:
+        """The model serving ``target``."""
+        return self.live.get(target, self.model)
+
+    def label(self, target: str) -> str:
+        """The version label of the impressions served to ``target`` (``<arm>-v<n>``)."""
+        return f"{self.name}-v{self.target_version.get(target, self.version)}"
+
+    def lineages(self) -> list[tuple[GMLLM, list[str]]]:
+        """The targets grouped by the live model serving them (each model once, in target order)."""
+        out: dict[int, tuple[GMLLM, list[str]]] = {}
+        for target in sorted(self.targets):
+            model = self.live_model(target)
+            out.setdefault(id(model), (model, []))[1].append(target)
+        return list(out.values())
 
     def top(self) -> dict[tuple[str, str], str]:
         """The creative each slate serves most (highest posterior mean) per (target, product)."""
@@ -239,14 +294,17 @@ def _run(options: ExperimentOptions, settings: LearnerSettings, world: World,
         one = name == "one-size"
         targets = {c: one_size_features[c] for c in one_members} if one else {g: features[g] for g in groups}
         arm = _ArmState(name, base, targets, one_members if one else {g: members[g] for g in groups}, one,
-                        retrain=name != "base", monitor=DriftMonitor(DriftConfig(min_observations=500,
-                                                                                 cooldown_ms=120_000)))
+                        retrain=name != "base", per_target=loop.promotion == "group",
+                        monitor=DriftMonitor(DriftConfig(min_observations=500, cooldown_ms=120_000)))
+        if arm.per_target:
+            arm.target_version = dict.fromkeys(targets, 0)
         serve = {g: one_size_features[f"{g.split('/', 1)[0]}/all"] for g in groups} if one else judge.features
         gate_judges[name] = WorldCTR(world, members, serve, products, settings.generation,
                                      loop.ctr_products_per_group, first_product=loop.ctr_products_per_group,
                                      draws=loop.ctr_draws_per_product, serve=loop.ctr_served)
         arm.slates = _slates(arm, arm.model, world, products, settings, options.seed, 0)
-        arm.versions.append({"version": f"{name}-v0", "live_ts_s": 0.0, "round": 0})
+        arm.versions.append({"version": f"{name}-v0", "live_ts_s": 0.0, "round": 0}
+                            | ({"targets": sorted(targets)} if arm.per_target else {}))
         arms[name] = arm
     echo(f"{len(groups)} groups, arms {', '.join(arms)}; slates sampled ({time.perf_counter() - started:.0f} s)")
 
@@ -265,15 +323,9 @@ def _run(options: ExperimentOptions, settings: LearnerSettings, world: World,
         index[0] += 1
         ts = ts_of(i)
         arm = arms[arm_of(user.id, tuple(arms), seed)]
-        if arm.pending is not None and ts >= arm.pending[1]:
-            model, live_ts, slates, figures = arm.pending
-            arm.model, arm.slates, arm.pending = model, slates, None
-            arm.version += 1
-            arm.counts = {}
-            figures["live_ts_s"] = (live_ts - DEFAULT_START_TS_MS) / 1000
-            figures["evidence_to_live_s"] = round((ts - figures["evidence_ts"]) / 1000, 1)
-            arm.versions.append({"version": f"{arm.name}-v{arm.version}", "live_ts_s": figures["live_ts_s"],
-                                 "round": figures["round"]})
+        if arm.pending is not None and ts >= arm.pending.live_ts:
+            _go_live(arm, arm.pending, ts)
+            arm.pending = None
         group = user_group[(user.id, product.category)]
         key = (arm.target_of(group), product.id)
         prompts = arm.slates.get(key)
@@ -284,13 +336,14 @@ def _run(options: ExperimentOptions, settings: LearnerSettings, world: World,
                 for p in prompts]
         text = prompts[int(np.argmax(draw))]
         prompt = parse_prompt(text)
-        return Shown(creative_id(product.id, prompt), prompt, f"{arm.name}-v{arm.version}", group)
+        return Shown(creative_id(product.id, prompt), prompt, arm.label(key[0]), group)
 
     def run_rounds(boundary_i: int) -> None:
         boundary_ts = ts_of(boundary_i)
         for arm in arms.values():
             if arm.retrain and arm.pending is None:
-                _round(arm, boundary_ts, world, products, settings, miner, gate_judges[arm.name], seed, echo)
+                fit_round = _group_round if arm.per_target else _round
+                fit_round(arm, boundary_ts, world, products, settings, miner, gate_judges[arm.name], seed, echo)
 
     last: tuple[Impression, _ArmState, str] | None = None
 
@@ -301,6 +354,7 @@ def _run(options: ExperimentOptions, settings: LearnerSettings, world: World,
         c[0] += 1
         c[1] += int(clicked)
         arm.last_ts[(key[0], key[1], impression.prompt)] = impression.ts
+        arm.version_impressions[impression.model_version] += 1
         g = arm.group_counts.setdefault(group, [0, 0])
         g[0] += 1
         g[1] += int(clicked)
@@ -337,10 +391,12 @@ def _run(options: ExperimentOptions, settings: LearnerSettings, world: World,
 
 
 def _slates(arm: _ArmState, model: GMLLM, world: World, products: Mapping[str, Any], settings: LearnerSettings,
-            seed: int, version: int) -> dict[tuple[str, str], list[str]]:
+            seed: int, version: int, targets: Iterable[str] | None = None) -> dict[tuple[str, str], list[str]]:
+    """``model``'s slates for ``targets`` (default: every target of the arm) on every known product of theirs."""
+    served = {t: arm.targets[t] for t in (arm.targets if targets is None else targets)}
     shown = {t: [products[p.id] for p in world.products.get(t.split("/", 1)[0], []) if p.id in products]
-             for t in arm.targets}
-    return sample_slates(model, arm.targets, shown, settings.loop.onpolicy_candidates,
+             for t in served}
+    return sample_slates(model, served, shown, settings.loop.onpolicy_candidates,
                          temperature=settings.loop.onpolicy_temperature, seed=seed * 1_000 + version,
                          max_new_tokens=settings.generation.max_new_tokens)
 
@@ -352,21 +408,63 @@ def _fallback(arm: _ArmState, key: tuple[str, str], products: Mapping[str, Any],
 
     target, product = key
     if product in products and target in arm.targets:
-        got = sample_slates(arm.model, {target: arm.targets[target]}, {target: [products[product]]},
+        got = sample_slates(arm.live_model(target), {target: arm.targets[target]}, {target: [products[product]]},
                             settings.loop.onpolicy_candidates, seed=seed, max_new_tokens=settings.generation.max_new_tokens)
         if got:
             return got[key]
     return [random_prompt(random.Random(f"{seed}:{target}:{product}")).to_text()]
 
 
-def _round(arm: _ArmState, boundary_ts: int, world: World, products: Mapping[str, Any], settings: LearnerSettings,
-           miner: PairMinerConfig, gate_judge: WorldCTR, seed: int, echo: Callable[[str], None]) -> None:
-    number = len(arm.rounds) + 1
-    wall = time.perf_counter()
+def _go_live(arm: _ArmState, pending: _Pending, ts: int) -> None:
+    """Put a round's promotions live at the first impression at ``ts`` >= ``pending.live_ts``: new model, slates
+    and version for the targets each went live for, their counts restarted (all of them per model)."""
+    live_s = (pending.live_ts - DEFAULT_START_TS_MS) / 1000
+    for move in pending.moves:
+        arm.version = move.version
+        if arm.per_target:
+            moved = set(move.targets)
+            arm.live.update(dict.fromkeys(moved, move.model))
+            arm.target_version.update(dict.fromkeys(moved, move.version))
+            arm.slates = {k: v for k, v in arm.slates.items() if k[0] not in moved} | move.slates
+            arm.counts = {k: v for k, v in arm.counts.items() if k[0] not in moved}
+        else:
+            arm.model, arm.slates, arm.counts = move.model, move.slates, {}
+        move.figures["live_ts_s"] = live_s
+        move.figures["evidence_to_live_s"] = round((ts - move.evidence_ts) / 1000, 1)
+        arm.versions.append({"version": f"{arm.name}-v{move.version}", "live_ts_s": live_s,
+                             "round": pending.figures["round"]}
+                            | ({"targets": move.targets} if arm.per_target else {}))
+    pending.figures["live_ts_s"] = live_s
+    pending.figures["evidence_to_live_s"] = round((ts - max(m.evidence_ts for m in pending.moves)) / 1000, 1)
+
+
+def _mined(arm: _ArmState, products: Mapping[str, Any], miner: PairMinerConfig, number: int) -> list[PreferencePair]:
+    """Pairs among each slate's creatives, on the arm's counts since each target's version went live."""
     stats = {key: {p: CreativeStats(c[0], c[1]) for p, c in creatives.items()}
              for key, creatives in arm.counts.items()}
     categories = {pid: record.category for pid, record in products.items()}
-    pairs = mine_slate_pairs(stats, categories, miner, ts=number)
+    return mine_slate_pairs(stats, categories, miner, ts=number)
+
+
+def _evidence(arm: _ArmState, pairs: list[PreferencePair]) -> int:
+    """The time of the newest impression behind ``pairs``."""
+    return max(arm.last_ts.get((p.group_id, p.product_id, t), 0) for p in pairs for t in (p.winner_prompt, p.loser_prompt))
+
+
+def _dpo(arm: _ArmState, settings: LearnerSettings, seed: int) -> Any:
+    """The fit's DPO settings: the run's seed, uniform pair weights for one-size."""
+    update: dict[str, Any] = {"seed": settings.dpo.seed + seed}
+    if arm.one_size:
+        update["group_weighting"] = "uniform"
+    return settings.dpo.model_copy(update=update)
+
+
+def _round(arm: _ArmState, boundary_ts: int, world: World, products: Mapping[str, Any], settings: LearnerSettings,
+           miner: PairMinerConfig, gate_judge: WorldCTR, seed: int, echo: Callable[[str], None]) -> None:
+    """A model-level round: fit from the live model on every pair, gate on every group, all or nothing."""
+    number = len(arm.rounds) + 1
+    wall = time.perf_counter()
+    pairs = _mined(arm, products, miner, number)
     figures: dict[str, Any] = {"round": number, "at_s": (boundary_ts - DEFAULT_START_TS_MS) / 1000,
                                "from_version": f"{arm.name}-v{arm.version}", "pairs": len(pairs),
                                "pairs_per_group": dict(sorted(Counter(p.group_id for p in pairs).items()))}
@@ -375,17 +473,10 @@ def _round(arm: _ArmState, boundary_ts: int, world: World, products: Mapping[str
         figures.update(promoted=False, reason="no pair mined", wall_s=round(time.perf_counter() - wall, 1))
         echo(f"{arm.name} round {number} at {figures['at_s']:.0f} s: no pair mined")
         return
-    evidence = max(arm.last_ts.get((p.group_id, p.product_id, t), 0)
-                   for p in pairs for t in (p.winner_prompt, p.loser_prompt))
-    held = protection_for(pairs, arm.model, arm.targets, products, settings, seed * 1_000 + number, arm.one_size)
+    evidence = _evidence(arm, pairs)
+    candidate, fit, held = fit_with_protection(arm.model, pairs, arm.targets, products, settings,
+                                               seed * 1_000 + number, arm.one_size, _dpo(arm, settings, seed))
     mirrored = held.mirrored
-    update = {"seed": settings.dpo.seed + seed}
-    if arm.one_size:
-        update["group_weighting"] = "uniform"
-    candidate = arm.model.copy()
-    weights = [1.0] * len(pairs) + [max(settings.dpo.preserve_weight, 1e-6)] * len(mirrored)
-    fit = fit_group_dpo(candidate, arm.model, pairs + mirrored, arm.targets, products,
-                        settings.dpo.model_copy(update=update), pair_weights=weights, anchors=held.anchors)
     if arm.gate_figures is None:
         arm.gate_figures = judged(gate_judge, arm.model)
     new_figures = judged(gate_judge, candidate)
@@ -398,11 +489,85 @@ def _round(arm: _ArmState, boundary_ts: int, world: World, products: Mapping[str
         slates = _slates(arm, candidate, world, products, settings, seed, arm.version + 1)
         wall_s = time.perf_counter() - wall
         live_ts = boundary_ts + math.ceil(wall_s * 1000)  # the round's wall time counts as simulated time
-        arm.pending = (candidate, live_ts, slates, figures)
+        move = _Move(candidate, sorted(arm.targets), slates, arm.version + 1, evidence, figures)
+        arm.pending = _Pending(live_ts, figures, [move])
     wall_s = time.perf_counter() - wall
     figures["wall_s"] = round(wall_s, 1)
     echo(f"{arm.name} round {number} at {figures['at_s']:.0f} s: {len(pairs)} pairs ({len(mirrored)} mirrored), "
          f"{'promoted' if decision.promote else 'kept: ' + decision.reason} ({wall_s:.0f} s wall)")
+
+
+def _group_round(arm: _ArmState, boundary_ts: int, world: World, products: Mapping[str, Any],
+                 settings: LearnerSettings, miner: PairMinerConfig, gate_judge: WorldCTR, seed: int,
+                 echo: Callable[[str], None]) -> None:
+    """A per-target round (``learner.loop.promotion = "group"``): each lineage (the targets one live model
+    serves) with pairs is fitted from its model on its targets' pairs and gated per target
+    (:func:`_lineage_round`); the candidates go live together for the targets that passed."""
+    number = len(arm.rounds) + 1
+    wall = time.perf_counter()
+    pairs = _mined(arm, products, miner, number)
+    lineages: list[dict[str, Any]] = []
+    figures: dict[str, Any] = {"round": number, "at_s": (boundary_ts - DEFAULT_START_TS_MS) / 1000,
+                               "from_versions": {t: arm.label(t) for t in sorted(arm.targets)}, "pairs": len(pairs),
+                               "pairs_per_group": dict(sorted(Counter(p.group_id for p in pairs).items())),
+                               "lineages": lineages}
+    arm.rounds.append(figures)
+    moves: list[_Move] = []
+    for model, targets in arm.lineages():
+        mine = [p for p in pairs if p.group_id in targets]
+        lineage: dict[str, Any] = {"targets": targets, "from_version": arm.label(targets[0]), "pairs": len(mine)}
+        lineages.append(lineage)
+        if not mine:
+            lineage.update(promoted_targets=[], reason="no pair mined")
+            continue
+        move = _lineage_round(arm, model, targets, mine, lineage, world, products, settings, gate_judge, seed,
+                              number, arm.version + len(moves) + 1)
+        if move is not None:
+            moves.append(move)
+    promoted = sorted(t for m in moves for t in m.targets)
+    figures.update(promoted=bool(promoted), promoted_targets=promoted,
+                   reason="; ".join(f"{'+'.join(x['targets'])}: {x['reason']}" for x in lineages))
+    if moves:
+        evidence = max(m.evidence_ts for m in moves)
+        figures.update(evidence_ts=evidence, evidence_at_s=(evidence - DEFAULT_START_TS_MS) / 1000)
+        live_ts = boundary_ts + math.ceil((time.perf_counter() - wall) * 1000)  # wall time counts as simulated
+        arm.pending = _Pending(live_ts, figures, moves)
+    wall_s = time.perf_counter() - wall
+    figures["wall_s"] = round(wall_s, 1)
+    echo(f"{arm.name} round {number} at {figures['at_s']:.0f} s: {len(pairs)} pairs, {len(lineages)} lineage(s), "
+         f"live for {', '.join(promoted) if promoted else 'no target'} ({wall_s:.0f} s wall)")
+
+
+def _lineage_round(arm: _ArmState, model: GMLLM, targets: list[str], pairs: list[PreferencePair],
+                   figures: dict[str, Any], world: World, products: Mapping[str, Any], settings: LearnerSettings,
+                   gate_judge: WorldCTR, seed: int, number: int, version: int) -> _Move | None:
+    """Fit ``model`` on its ``targets``' ``pairs`` (protection for those targets only), gate it on their groups
+    by the gate judge restricted to them (the incumbent's figures cached per group in ``arm.gate_figures``);
+    the move of the targets that pass (:func:`learner.gate.passing_units`), or None."""
+    served = {t: arm.targets[t] for t in targets}
+    candidate, fit, held = fit_with_protection(model, pairs, served, products, settings, seed * 1_000 + number,
+                                               arm.one_size, _dpo(arm, settings, seed))
+    groups = [g for t in targets for g in target_groups(t, gate_judge.groups())]
+    judge = gate_judge.restricted(groups)
+    known = arm.gate_figures or {}
+    incumbent = {g: known[g] for g in groups} if all(g in known for g in groups) else judged(judge, model)
+    new = judged(judge, candidate)
+    config = gate_config(settings)
+    whole = decide(new, incumbent, config)
+    moved = passing_units(new, incumbent, {t: target_groups(t, groups) for t in targets}, config)
+    moved_groups = {g for t in moved for g in target_groups(t, groups) if g in new}
+    arm.gate_figures = {**known, **incumbent, **{g: new[g] for g in moved_groups}}
+    evidence = _evidence(arm, pairs)
+    partial = moved and len(moved) < len(targets)
+    figures.update(mirrored=len(held.mirrored), anchors=fit.anchors, steps=fit.steps, promoted_targets=moved,
+                   reason=f"live for {', '.join(moved)} only; {whole.reason}" if partial else whole.reason,
+                   gate_mean=(round(whole.overall_incumbent, 5), round(whole.overall_candidate, 5)),
+                   evidence_at_s=(evidence - DEFAULT_START_TS_MS) / 1000)
+    if not moved:
+        return None
+    figures["version"] = f"{arm.name}-v{version}"
+    slates = _slates(arm, candidate, world, products, settings, seed, version, moved)
+    return _Move(candidate, moved, slates, version, evidence, figures)
 
 
 def _report(options: ExperimentOptions, world: World, arms: Mapping[str, _ArmState], groups: list[str],
@@ -440,6 +605,8 @@ def _report(options: ExperimentOptions, world: World, arms: Mapping[str, _ArmSta
             "ctr_over_time": times, "versions": arm.versions, "rounds": [
                 {k: v for k, v in r.items() if k != "evidence_ts"} for r in arm.rounds],
             "promoted": sum(1 for r in arm.rounds if r.get("promoted")),
+            "live_versions": {t: arm.label(t) for t in sorted(arm.targets)},
+            "version_impressions": dict(sorted(arm.version_impressions.items())),
             "evidence_to_live_s": [r["evidence_to_live_s"] for r in arm.rounds if "evidence_to_live_s" in r],
             "drift_alerts": arm.alerts,
             "targets_changed_after_first_alert": changed,
@@ -463,6 +630,7 @@ def _report(options: ExperimentOptions, world: World, arms: Mapping[str, _ArmSta
         "seconds": {"base": round(base_s, 1), "traffic_and_rounds": round(traffic_s, 1), "total": round(total_s, 1)},
         "settings": {"model": settings.model.model_dump(mode="json"), "dpo": settings.dpo.model_dump(mode="json"),
                      "onpolicy_candidates": settings.loop.onpolicy_candidates,
+                     "promotion": settings.loop.promotion,
                      "pretrain": settings.pretrain.model_dump(mode="json")},
         "notes": ["observed CTRs include the world's user and product offsets; the oracle is the expected CTR of "
                   "the best of 200 (quick: 40) random prompts per judged product for the group's average member, "
@@ -487,11 +655,16 @@ def write_report(report: Mapping[str, Any], out: Path) -> list[Path]:
     results, groups = report["results"], report["groups"]
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for name, r in results.items():
+    for i, (name, r) in enumerate(results.items()):
         t = [row[0] / 60 for row in r["ctr_over_time"]]
         ax.plot(t, [row[2] / row[1] if row[1] else np.nan for row in r["ctr_over_time"]], label=name)
+        colour = ax.lines[-1].get_color()
         for v in r["versions"][1:]:
-            ax.axvline(v["live_ts_s"] / 60, ls=":", alpha=0.4, color=ax.lines[-1].get_color())
+            ax.axvline(v["live_ts_s"] / 60, ls=":", alpha=0.4, color=colour)
+            if "targets" in v:  # per-target promotion: which targets the version went live for
+                ax.annotate(f"{v['version'].rsplit('-', 1)[-1]}: {', '.join(v['targets'])}", (v["live_ts_s"] / 60, 1),
+                            xycoords=("data", "axes fraction"), rotation=90, va="top", fontsize=6, color=colour,
+                            ha="right" if i % 2 == 0 else "left")  # arms alternate sides of the line
     for name, r in results.items():
         for a in r["drift_alerts"]:
             ax.axvline(a["ts_s"] / 60, color="red", alpha=0.3)

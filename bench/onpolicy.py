@@ -165,7 +165,7 @@ def _per_target_round(arm: Arm, world: World, products: Mapping[str, ProductReco
         groups = [g for t in targets for g in target_groups(t, judged_groups)]
         known = arm.gate_figures or {}
         lineage = Arm(arm.name, model, {t: arm.targets[t] for t in targets},
-                      {t: arm.target_members[t] for t in targets}, arm.one_size,
+                      {t: arm.target_members[t] for t in targets if t in arm.target_members}, arm.one_size,
                       gate_figures={g: known[g] for g in groups} if all(g in known for g in groups) else None,
                       pending=[p for p in arm.pending if p.group_id in targets], method=arm.method,
                       config=arm.config)

@@ -45,7 +45,8 @@ def experiment_command(
     console = Console(stderr=True)
     options = ExperimentOptions(world_file=world, arms=arm_list, minutes=minutes, seed=seed, rate=rate,
                                 round_every_min=round_every, min_impressions=min_impressions, quick=quick,
-                                cache_dir=settings.data_dir / "experiments" / "bases")
+                                cache_dir=settings.data_dir / "experiments" / "bases",
+                                learner={"loop": {"promotion": settings.learner.loop.promotion}})
     report = run_experiment(options, echo=lambda m: console.print(m, highlight=False))
     folder = out or settings.data_dir / "experiments" / f"{loaded.name}-{seed}"
     paths = write_report(report, folder)

@@ -49,6 +49,7 @@ from learner.baselines.config import KTOBaselineConfig, RLOOBaselineConfig
 from learner.data import ProductRecord
 from learner.dpo.onpolicy import (
     best_winner_pairs,
+    lineages,
     target_groups,
     mine_slate_pairs,
     protected_fit,
@@ -107,11 +108,7 @@ class Arm:
 
     def lineages(self) -> list[tuple[GMLLM, list[str]]]:
         """The targets grouped by the live model that serves them (each model once, in target order)."""
-        out: dict[int, tuple[GMLLM, list[str]]] = {}
-        for target in sorted(self.targets):
-            model = self.live_model(target)
-            out.setdefault(id(model), (model, []))[1].append(target)
-        return list(out.values())
+        return lineages(self.targets, self.live_model)
 
 
 def slate_products(world: World, products: Mapping[str, ProductRecord], targets: Sequence[str],

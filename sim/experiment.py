@@ -62,7 +62,7 @@ from infra.contracts.messages import PreferencePair
 from infra.contracts.prompt import parse_prompt
 from infra.settings import QUICK_MODEL, LearnerSettings
 from learner.dpo.data import category_features
-from learner.dpo.onpolicy import fit_with_protection, mine_slate_pairs, sample_slates, target_groups
+from learner.dpo.onpolicy import fit_with_protection, lineages, mine_slate_pairs, sample_slates, target_groups
 from learner.gate import GroupFigures, decide, passing_units
 from learner.model.gmllm import GMLLM
 from learner.round import gate_config, judged
@@ -218,11 +218,7 @@ class _ArmState:
 
     def lineages(self) -> list[tuple[GMLLM, list[str]]]:
         """The targets grouped by the live model serving them (each model once, in target order)."""
-        out: dict[int, tuple[GMLLM, list[str]]] = {}
-        for target in sorted(self.targets):
-            model = self.live_model(target)
-            out.setdefault(id(model), (model, []))[1].append(target)
-        return list(out.values())
+        return lineages(self.targets, self.live_model)
 
     def top(self) -> dict[tuple[str, str], str]:
         """The creative each slate serves most (highest posterior mean) per (target, product)."""

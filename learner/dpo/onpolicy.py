@@ -32,7 +32,7 @@ One round (iterative / online DPO, as CAIG ran several rounds):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,6 +81,16 @@ def target_groups(target: str, groups: Sequence[str]) -> list[str]:
         category = target.split("/", 1)[0]
         return [g for g in groups if g.split("/", 1)[0] == category]
     return [g for g in groups if g == target]
+
+
+def lineages(targets: Iterable[str], live_model: Callable[[str], GMLLM]) -> list[tuple[GMLLM, list[str]]]:
+    """Per-group promotion: ``targets`` grouped by the live model that serves each (``live_model(target)``),
+    each model once, targets sorted; a round fits each lineage from its model on its own targets' pairs."""
+    out: dict[int, tuple[GMLLM, list[str]]] = {}
+    for target in sorted(targets):
+        model = live_model(target)
+        out.setdefault(id(model), (model, []))[1].append(target)
+    return list(out.values())
 
 
 def sample_slates(

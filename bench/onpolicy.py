@@ -52,11 +52,11 @@ from learner.dpo.onpolicy import (
     lineages,
     target_groups,
     mine_slate_pairs,
-    protected_fit,
     protection_for,
     sample_slates,
     with_margin,
 )
+from learner.dpo.train import protected_fit
 from learner.gate import GateConfig, GroupFigures, decide, passing_units, regressed_groups
 from learner.model.gmllm import GMLLM
 from learner.round import gate_config, judged, judged_pair

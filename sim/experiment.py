@@ -62,7 +62,8 @@ from infra.contracts.messages import PreferencePair
 from infra.contracts.prompt import parse_prompt
 from infra.settings import QUICK_MODEL, LearnerSettings
 from learner.dpo.data import category_features
-from learner.dpo.onpolicy import fit_with_protection, lineages, mine_slate_pairs, sample_slates, target_groups
+from learner.dpo.onpolicy import lineages, mine_slate_pairs, sample_slates, target_groups
+from learner.dpo.train import fit_with_protection
 from learner.gate import GroupFigures, decide, passing_units
 from learner.model.gmllm import GMLLM
 from learner.round import gate_config, judged

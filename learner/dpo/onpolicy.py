@@ -34,19 +34,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from features.group import GroupFeatures
-from infra.settings import DPOSettings, LearnerSettings
+from infra.settings import LearnerSettings
 from infra.contracts.messages import PreferencePair
 from learner.data import ProductRecord
 from learner.dpo.data import creative_id
 from learner.model.gmllm import GMLLM
 from streams.ctr import CreativeStats
 from streams.pairs import PairMiner, PairMinerConfig
-
-if TYPE_CHECKING:
-    from learner.dpo.train import FitResult
 
 SlateKey = tuple[str, str]
 """(group id, product id)."""
@@ -282,32 +277,3 @@ def protection_for(pairs: Sequence[PreferencePair], incumbent: GMLLM, targets: M
                                   temperature=loop.onpolicy_temperature,
                                   max_new_tokens=settings.generation.max_new_tokens)
     return Protection(mirrored, anchors)
-
-
-
-def protected_fit(model: GMLLM, pairs: Sequence[PreferencePair], held: Protection,
-                  targets: Mapping[str, GroupFeatures | str], products: Mapping[str, ProductRecord],
-                  settings: LearnerSettings, dpo: DPOSettings | None = None) -> tuple[GMLLM, FitResult]:
-    """A copy of ``model`` (also the fit's frozen reference) fitted on ``pairs`` plus the protection ``held``
-    (mirrored pairs at ``dpo.preserve_weight``, anchors); returns the candidate and the fit.
-
-    ``dpo``: the fit's settings (default ``settings.dpo``; e.g. with a round seed or uniform weighting).
-    """
-    from learner.dpo.train import fit_group_dpo  # learner.dpo.train imports this module
-
-    candidate = model.copy()
-    weights = [1.0] * len(pairs) + [max(settings.dpo.preserve_weight, 1e-6)] * len(held.mirrored)
-    fit = fit_group_dpo(candidate, model, [*pairs, *held.mirrored], targets, products, dpo or settings.dpo,
-                        pair_weights=weights, anchors=held.anchors)
-    return candidate, fit
-
-
-def fit_with_protection(model: GMLLM, pairs: Sequence[PreferencePair], targets: Mapping[str, GroupFeatures | str],
-                        products: Mapping[str, ProductRecord], settings: LearnerSettings, seed: int,
-                        one_size: bool = False, dpo: DPOSettings | None = None
-                        ) -> tuple[GMLLM, FitResult, Protection]:
-    """One on-policy fit from ``model``: the protection of ``targets`` without evidence (:func:`protection_for`,
-    anchors sampled at ``seed``), then :func:`protected_fit`; returns the candidate, the fit and the protection."""
-    held = protection_for(pairs, model, targets, products, settings, seed, one_size)
-    candidate, fit = protected_fit(model, pairs, held, targets, products, settings, dpo)
-    return candidate, fit, held

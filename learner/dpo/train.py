@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.settings import DPOSettings
+from infra.settings import DPOSettings, LearnerSettings
 from learner.data import ProductRecord
 from learner.dpo.anchor import anchor_batch
 from learner.dpo.config import GroupDPOConfig
 from learner.dpo.data import preference_dataset, usable_pairs
-from learner.dpo.onpolicy import KL_MODES
+from learner.dpo.onpolicy import KL_MODES, Protection, protection_for
 from features.group import GroupFeatures
 from learner.model.gmllm import GMLLM
 from infra.contracts.messages import PreferencePair
@@ -198,3 +198,29 @@ def log_collector(history: list[dict[str, float]],
                     on_log(state.global_step, history[-1])
 
     return _Collect()
+
+
+def protected_fit(model: GMLLM, pairs: Sequence[PreferencePair], held: Protection,
+                  targets: Mapping[str, GroupFeatures | str], products: Mapping[str, ProductRecord],
+                  settings: LearnerSettings, dpo: DPOSettings | None = None) -> tuple[GMLLM, FitResult]:
+    """A copy of ``model`` (also the fit's frozen reference) fitted on ``pairs`` plus the protection ``held``
+    (mirrored pairs at ``dpo.preserve_weight``, anchors); returns the candidate and the fit.
+
+    ``dpo``: the fit's settings (default ``settings.dpo``; e.g. with a round seed or uniform weighting).
+    """
+    candidate = model.copy()
+    weights = [1.0] * len(pairs) + [max(settings.dpo.preserve_weight, 1e-6)] * len(held.mirrored)
+    fit = fit_group_dpo(candidate, model, [*pairs, *held.mirrored], targets, products, dpo or settings.dpo,
+                        pair_weights=weights, anchors=held.anchors)
+    return candidate, fit
+
+
+def fit_with_protection(model: GMLLM, pairs: Sequence[PreferencePair], targets: Mapping[str, GroupFeatures | str],
+                        products: Mapping[str, ProductRecord], settings: LearnerSettings, seed: int,
+                        one_size: bool = False, dpo: DPOSettings | None = None
+                        ) -> tuple[GMLLM, FitResult, Protection]:
+    """One on-policy fit from ``model``: the protection of ``targets`` without evidence (:func:`protection_for`,
+    anchors sampled at ``seed``), then :func:`protected_fit`; returns the candidate, the fit and the protection."""
+    held = protection_for(pairs, model, targets, products, settings, seed, one_size)
+    candidate, fit = protected_fit(model, pairs, held, targets, products, settings, dpo)
+    return candidate, fit, held

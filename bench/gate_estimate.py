@@ -157,19 +157,15 @@ def _onpolicy_pairs(base: Any, world: Any, members: Mapping[str, Counter], targe
 def _candidate(base: Any, pairs: list[Any], whose: str, overrides: dict[str, Any], targets: Mapping[str, Any],
                products: Mapping[str, Any], settings: Any) -> Any:
     """A fit from ``base`` on ``pairs`` (``whose="half"``: only every other group's) with ``overrides``."""
-    from learner.dpo.onpolicy import protection_for
-    from learner.dpo.train import fit_group_dpo
+    from learner.dpo.train import fit_with_protection
 
     if whose == "half":
         kept = set(sorted({p.group_id for p in pairs})[::2])
         pairs = [p for p in pairs if p.group_id in kept]
     learner = settings.model_copy(update={"dpo": settings.dpo.model_copy(update=overrides)})
-    held = protection_for(pairs, base, targets, products, learner, seed=1)
-    weights = [1.0] * len(pairs) + [max(learner.dpo.preserve_weight, 1e-6)] * len(held.mirrored)
-    candidate = base.copy()
-    if pairs:
-        fit_group_dpo(candidate, base, pairs + held.mirrored, targets, products, learner.dpo, anchors=held.anchors,
-                      pair_weights=weights)
+    if not pairs:
+        return base.copy()
+    candidate, _, _ = fit_with_protection(base, pairs, targets, products, learner, seed=1)
     return candidate
 
 

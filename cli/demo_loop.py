@@ -92,7 +92,9 @@ def _summary(console: Console, settings: Settings, loop: ClosedLoop) -> int:
     if delays:
         console.print("click → new version live: " + ", ".join(f"{d:.0f} s" for d in delays))
     served_new = any(v.isdigit() and int(v) > 1 and n for (v, _g), (n, _c) in book.cells.items())
-    console.print(f"live version at the end: {read_state(settings).live}; a Group-DPO version served: "
+    state = read_state(settings)
+    routed = "".join(f", {group} on v{version}" for group, version in sorted(state.groups.items()))
+    console.print(f"live version at the end: {state.live}{routed}; a Group-DPO version served: "
                   f"{'yes' if served_new else 'no'}")
     console.print(f"dashboard: `osmf dashboard` (http://{settings.dashboard.host}:{settings.dashboard.port})")
     return 0 if served_new else 1

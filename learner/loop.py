@@ -247,11 +247,14 @@ class LearnerLoop:
                 self.routing = self.routing.then(record.version, outcome.groups)
                 if outcome.groups is None:
                     self.incumbent, self.version = outcome.promoted, record.version
+            decision = record.decision
+            if outcome.groups is not None:
+                decision += f" for {len(outcome.groups)} of {len(served)} groups ({', '.join(outcome.groups)})"
             summaries.append(RoundSummary(
                 number=record.round, train_pairs=sum(record.pairs_per_group.values()),
                 heldout_pairs=record.heldout_pairs, groups=len(record.pairs_per_group),
                 steps=int(record.training.get("steps", 0)), seconds=round(record.finished_at - record.started_at, 1),
-                decision=record.decision if len(lineages) == 1 else f"version {version}: {record.decision}",
+                decision=decision if len(lineages) == 1 else f"version {version}: {decision}",
                 version=record.version, unknown_group_pairs=sum(left_out.values()), outcome=outcome,
             ))
             self.next_round += 1

@@ -105,6 +105,7 @@ def loop_state(loop: Any) -> dict[str, float]:
         "pairs_duplicate_total": counts.duplicates, "pairs_unknown_product_total": counts.unknown_product,
         "pairs_unknown_group": counts.unknown_group, "buffer_pairs": len(loop.buffer),
         "buffer_new_pairs": loop.buffer.new_pairs, "incumbent_version": loop.version,
+        "routed_groups": len(getattr(getattr(loop, "routing", None), "groups", {}) or {}),
     }
 
 

@@ -243,8 +243,8 @@ def _promoted_per_group(candidate: GMLLM, decision: GateDecision, new: dict[str,
         "round": number, "reference_version": incumbent_version, "reason": decision.reason,
         "overall": decision.overall_candidate, GROUPS: groups,
     })
-    what = "promoted" if groups is None else f"promoted for {len(moved)} of {len(serves)} groups ({', '.join(moved)})"
-    return RoundOutcome(record(what, gate, version, fit.losses, training), decision, candidate, groups)
+    # the record's decision stays "promoted" (dashboards and metrics read it); the groups are in gate.promoted_groups
+    return RoundOutcome(record("promoted", gate, version, fit.losses, training), decision, candidate, groups)
 
 
 def publish_candidate(gmllm: GMLLM, repository: Path, model_name: str, metadata: dict) -> int:

@@ -259,7 +259,10 @@ def test_group_promotion_publishes_a_version_for_the_groups_it_raises_and_fits_e
     assert [set(s.outcome.record.pairs_per_group) for s in second.lineages] == [{"mugs/g1"}, {"mugs/g0"}]
     assert second.lineages[0].decision.startswith("version 1: kept"), second.decision
     assert loop.routing.version_for("mugs/g0") == 3 and loop.routing.version_for("mugs/g1") == 1
-    assert [r["round"] for r in read_rounds(loop.history)] == [1, 2, 3]
+    logged = read_rounds(loop.history)
+    assert [r["round"] for r in logged] == [1, 2, 3]
+    assert logged[0]["decision"] == "promoted" and logged[0]["gate"]["promoted_groups"] == ["mugs/g0"], \
+        "the record's decision stays 'promoted' (dashboard, metrics); the groups are in the gate figures"
     restarted = LearnerLoop(base, 1, tiny_log.products, lambda ids: {}, settings, loop.repository, loop.history)
     assert restarted.routing == loop.routing and restarted.next_round == 4
 

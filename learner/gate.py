@@ -139,8 +139,9 @@ def regressed_groups(candidate: Mapping[str, GroupFigures], incumbent: Mapping[s
 def passing_units(candidate: Mapping[str, GroupFigures], incumbent: Mapping[str, GroupFigures],
                   units: Mapping[str, Sequence[str]], config: GateConfig = GateConfig()) -> list[str]:
     """Per-group promotion: the units (a group, or a training target and the groups it serves) whose own groups
-    pass :func:`decide` on their own (none regresses, their overall figure rises), sorted. A unit with no group
-    judged in both versions does not pass.
+    pass :func:`decide` on their own (none regresses, their overall figure rises), sorted. Only groups with
+    evidence count: a simulated CTR for both versions, or else at least ``min_group_pairs`` held-out pairs (a
+    group without evidence keeps its version); a unit with none does not pass.
 
     >>> old = {"a": GroupFigures("a", 0, 0.5, 0.0, ctr=0.030), "b": GroupFigures("b", 0, 0.5, 0.0, ctr=0.020)}
     >>> new = {"a": GroupFigures("a", 0, 0.5, 0.0, ctr=0.025), "b": GroupFigures("b", 0, 0.5, 0.0, ctr=0.026)}
@@ -148,10 +149,14 @@ def passing_units(candidate: Mapping[str, GroupFigures], incumbent: Mapping[str,
     ['b']
     >>> passing_units(new, old, {"both": ["a", "b"]}, GateConfig(ctr_tolerance=0.002))
     []
+    >>> few = {"c": GroupFigures("c", pairs=3, accuracy=0.5, mean_margin=0.0)}
+    >>> passing_units({"c": GroupFigures("c", pairs=3, accuracy=1.0, mean_margin=0.9)}, few, {"c": ["c"]})
+    []
     """
     out = []
     for unit, groups in units.items():
-        mine = [g for g in groups if g in candidate and g in incumbent]
+        mine = [g for g in groups if g in candidate and g in incumbent
+                and (g in ctr_groups(candidate, incumbent) or candidate[g].pairs >= config.min_group_pairs)]
         if mine and decide({g: candidate[g] for g in mine}, {g: incumbent[g] for g in mine}, config).promote:
             out.append(unit)
     return sorted(out)

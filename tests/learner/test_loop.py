@@ -95,7 +95,10 @@ def test_round_numbers_continue_from_the_history_and_replayed_pairs_are_not_new(
 
 def test_a_better_candidate_is_published_as_the_next_version_and_logged(tmp_path, base_artifact, tiny_log, features,  # noqa: ANN001
                                                                          pairs, one_thread) -> None:  # noqa: ANN001
-    loop = _loop(tmp_path, base_artifact, tiny_log, features)
+    # promotion=model: this buffer holds too few held-out pairs per group (min_group_pairs) for per-group promotion
+    # to move a group on its own evidence (test_group_promotion_... covers that mode, with a judge)
+    settings = SETTINGS.model_copy(update={"loop": SETTINGS.loop.model_copy(update={"promotion": "model"})})
+    loop = _loop(tmp_path, base_artifact, tiny_log, features, settings)
     stranger = [p.model_copy(update={"group_id": "mugs/g9"}) for p in pairs[:7]]
     for pair in pairs + stranger:
         loop.offer(pair)

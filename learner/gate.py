@@ -17,6 +17,7 @@ True
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -140,8 +141,9 @@ def passing_units(candidate: Mapping[str, GroupFigures], incumbent: Mapping[str,
                   units: Mapping[str, Sequence[str]], config: GateConfig = GateConfig()) -> list[str]:
     """Per-group promotion: the units (a group, or a training target and the groups it serves) whose own groups
     pass :func:`decide` on their own (none regresses, their overall figure rises), sorted. Only groups with
-    evidence count: a simulated CTR for both versions, or else at least ``min_group_pairs`` held-out pairs (a
-    group without evidence keeps its version); a unit with none does not pass.
+    evidence count: a simulated CTR for both versions, or else held-out pairs on which the candidate beats
+    chance (:func:`accuracy_p_value` at most :data:`GROUP_EVIDENCE_ALPHA`); a group without evidence keeps its
+    version, and a unit with none does not pass.
 
     >>> old = {"a": GroupFigures("a", 0, 0.5, 0.0, ctr=0.030), "b": GroupFigures("b", 0, 0.5, 0.0, ctr=0.020)}
     >>> new = {"a": GroupFigures("a", 0, 0.5, 0.0, ctr=0.025), "b": GroupFigures("b", 0, 0.5, 0.0, ctr=0.026)}
@@ -149,17 +151,43 @@ def passing_units(candidate: Mapping[str, GroupFigures], incumbent: Mapping[str,
     ['b']
     >>> passing_units(new, old, {"both": ["a", "b"]}, GateConfig(ctr_tolerance=0.002))
     []
-    >>> few = {"c": GroupFigures("c", pairs=3, accuracy=0.5, mean_margin=0.0)}
-    >>> passing_units({"c": GroupFigures("c", pairs=3, accuracy=1.0, mean_margin=0.9)}, few, {"c": ["c"]})
+    >>> old = {"c": GroupFigures("c", pairs=3, accuracy=0.5, mean_margin=0.0)}
+    >>> passing_units({"c": GroupFigures("c", pairs=3, accuracy=1.0, mean_margin=0.9)}, old, {"c": ["c"]})
     []
+    >>> old = {"c": GroupFigures("c", pairs=8, accuracy=0.5, mean_margin=0.0)}
+    >>> passing_units({"c": GroupFigures("c", pairs=8, accuracy=1.0, mean_margin=0.9)}, old, {"c": ["c"]})
+    ['c']
     """
     out = []
+    judged = ctr_groups(candidate, incumbent)
     for unit, groups in units.items():
         mine = [g for g in groups if g in candidate and g in incumbent
-                and (g in ctr_groups(candidate, incumbent) or candidate[g].pairs >= config.min_group_pairs)]
+                and (g in judged or accuracy_p_value(candidate[g]) <= GROUP_EVIDENCE_ALPHA)]
         if mine and decide({g: candidate[g] for g in mine}, {g: incumbent[g] for g in mine}, config).promote:
             out.append(unit)
     return sorted(out)
+
+
+GROUP_EVIDENCE_ALPHA = 0.05
+"""Per-group promotion without a simulated CTR: a group moves only if its held-out accuracy beats chance at
+this level (the incumbent is the round's reference, so its implicit margins are 0: a coin flip)."""
+
+
+def accuracy_p_value(figures: GroupFigures) -> float:
+    """One-sided binomial p-value of ``figures.accuracy`` on ``figures.pairs`` held-out pairs against chance (0.5).
+
+    >>> round(accuracy_p_value(GroupFigures("g", pairs=8, accuracy=1.0, mean_margin=1.0)), 4)
+    0.0039
+    >>> round(accuracy_p_value(GroupFigures("g", pairs=9, accuracy=7 / 9, mean_margin=1.0)), 4)
+    0.0898
+    >>> accuracy_p_value(GroupFigures("g", pairs=0, accuracy=0.5, mean_margin=0.0))
+    1.0
+    """
+    n = figures.pairs
+    if n <= 0:
+        return 1.0
+    k = round(figures.accuracy * n)
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n
 
 
 def ctr_allowed_drop(new: GroupFigures, old: GroupFigures, config: GateConfig) -> float:

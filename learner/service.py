@@ -215,6 +215,9 @@ class LearnerService:
         judge = judge_factory(traffic_log, features_for, self.echo) if judge_factory else None
         loop = LearnerLoop(incumbent, version, traffic_log.products, features_for, self.learner, repo, history,
                            judge=judge, one_size=self.options.one_size, known_groups=sorted(fallback))
+        if loop.routing.groups:
+            self.echo("per-group versions: " + ", ".join(f"{g} on version {v}"
+                                                         for g, v in sorted(loop.routing.groups.items())))
         if loop.next_round > 1:
             self.echo(f"history: {loop.next_round - 1} rounds logged in {history}; this run starts at round "
                       f"{loop.next_round}")

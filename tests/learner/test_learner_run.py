@@ -96,6 +96,10 @@ def test_once_trains_publishes_a_loadable_version_logs_it_and_dead_letters_the_m
     assert set(record["pairs_per_group"]) == {"mugs/g0", "mugs/g1"}
     assert sum(record["pairs_per_group"].values()) + record["heldout_pairs"] == 120
     assert record["decision"] == "promoted" and record["version"] == 2 == live[-1], record["gate"]
+    # per-group promotion: mugs/g0's 8 held-out pairs all agree with the candidate (binomial p 0.004), mugs/g1's
+    # do not beat chance: version 2 goes live for mugs/g0 only, version 1 stays the default
+    assert record["gate"]["promoted_groups"] == ["mugs/g0"], record["gate"]
+    assert "mugs/g0 -> v2" in out
 
     [letter] = [parse_dead_letter(r.value) for r in consume_all(bootstrap, [dead])]
     assert letter.source_topic == topic and letter.field == "winner_ctr" and letter.original == malformed
@@ -104,7 +108,8 @@ def test_once_trains_publishes_a_loadable_version_logs_it_and_dead_letters_the_m
     # A restart re-reads the topic from the start: nothing is new, nothing is dead-lettered twice.
     again = runner.invoke(app, ["learner", "run", "--once", "--traffic", str(base_run / "traffic")])
     assert again.exit_code == 0, again.output
-    assert "incumbent: version 2" in again.output and "0 new since the last round" in again.output
+    assert "incumbent: version 1" in again.output and "mugs/g0 on version 2" in again.output
+    assert "0 new since the last round" in again.output
     assert "no new pairs; no round run" in again.output and "1 already there" in again.output
     assert len(consume_all(bootstrap, [dead])) == 1 and versions(repo, "gmllm") == [1, 2]
 

@@ -87,6 +87,20 @@ class StreamsSettings(BaseModel):
         "127.0.0.1", description="Address the worker's metrics bind to (0.0.0.0 in a container, with security.http_token)."
     )
     workers: int = Field(1, ge=1, le=64, description="Worker processes started by `osmf worker`.")
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        "asyncio", description="The worker's event loop: asyncio (Python's) or uvloop (docs/streams.md 'Faust settings')."
+    )
+    cython_optimizations: bool = Field(
+        False, description="Faust's cython_optimizations: the opt-in fast paths of its compiled stream iterator and conductor."
+    )
+    buffer_maxsize: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="Faust's stream_buffer_maxsize (messages buffered per stream); default max(4 x batch_size, 4096).",
+    )
+    max_poll_records: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="Faust's broker_max_poll_records (most records one fetch hands over); default max(batch_size, 500).",
+    )
 
 
 class ProducerSettings(BaseModel):

@@ -42,7 +42,7 @@ from infra.contracts.events import EventError
 from infra.contracts.messages import dead_letter_bytes
 from infra.security import aiokafka_options, faust_credentials
 from infra.contracts.messages import to_bytes as message_bytes
-from infra.settings import Settings
+from infra.settings import Settings, StreamsSettings
 from streams import metrics
 from streams.aggregate import AggregateResult, FeatureFeed, OutcomeBatch
 from streams.ingest import BatchResult
@@ -91,6 +91,27 @@ INGEST_TABLES = frozenset({"seen-journal", "impression-index-journal"})
 """Stage 1's tables; every other table belongs to stage 2. Each stage waits only for what it sent."""
 
 
+def faust_tuning(cfg: StreamsSettings) -> dict[str, Any]:
+    """The Faust settings ``streams`` tunes (measured one at a time: docs/streams.md "Faust settings")."""
+    return {
+        "stream_buffer_maxsize": cfg.buffer_maxsize or max(4 * cfg.batch_size, 4096),
+        "broker_max_poll_records": cfg.max_poll_records or max(cfg.batch_size, 500),
+        "cython_optimizations": cfg.cython_optimizations,
+    }
+
+
+def _event_loop(kind: str) -> asyncio.AbstractEventLoop | None:
+    """A new uvloop loop, made this thread's loop, for ``uvloop``; None (Faust's default) for ``asyncio``."""
+    if kind != "uvloop":
+        return None
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    return loop
+
+
 class Worker:
     """The Faust app with its topics, tables and the two stages, built from settings."""
 
@@ -101,6 +122,7 @@ class Worker:
         _short_fetch_wait()
         self.app = faust.App(
             cfg.app_id,
+            loop=_event_loop(cfg.event_loop),
             broker_credentials=faust_credentials(settings.security.kafka),
             broker=[f"kafka://{server.strip()}" for server in settings.bootstrap_servers.split(",")],
             store="memory://",
@@ -114,8 +136,7 @@ class Worker:
             broker_session_timeout=cfg.session_timeout_s,
             broker_heartbeat_interval=max(cfg.session_timeout_s / 5, 0.5),
             broker_rebalance_timeout=max(cfg.session_timeout_s, 5.0),
-            stream_buffer_maxsize=max(4 * cfg.batch_size, 4096),
-            broker_max_poll_records=max(cfg.batch_size, 500),
+            **faust_tuning(cfg),
             producer_linger=0.005,
             Table=TrackedTable,
         )

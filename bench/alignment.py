@@ -244,7 +244,7 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
                 figures["live_worst"] = round(min(trace[-1][g] for g in groups), 5)
                 round_log.append({"seed": seed, "model": arm.name, **figures})
                 progress_line = (f"seed {seed} round {number} {arm.name}: {_learned_from(figures)}, "
-                                 f"{'promoted' if figures['promoted'] else 'kept: ' + figures['reason']}; "
+                                 f"{_verdict(figures, len(arm.targets))}; "
                                  f"live mean {figures['live_mean']:.4f} worst {figures['live_worst']:.4f}")
                 Console(stderr=True).print(progress_line, highlight=False)
             series[arm.name].append(trace)
@@ -375,6 +375,14 @@ def _run(options: BenchOptions, settings: Any) -> dict[str, Any]:
     if not total_pairs:
         figures["note"] = "no preference pair was mined in any round; the fine-tunes stayed at the base"
     return figures
+
+
+def _verdict(figures: dict[str, Any], targets: int) -> str:
+    """What the gate did, for the progress line: ``promoted``, ``live for k of n targets`` or ``kept: why``."""
+    if not figures["promoted"]:
+        return "kept: " + figures["reason"]
+    moved = len(figures.get("promoted_targets") or [])
+    return "promoted" if moved in (0, targets) else f"live for {moved} of {targets} targets"
 
 
 def _learned_from(figures: dict[str, Any]) -> str:

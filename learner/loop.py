@@ -280,13 +280,14 @@ class LearnerLoop:
         if self.settings.loop.promotion != "group" or self.one_size:
             return whole  # type: ignore[return-value]
         out = []
-        with_pairs = {p.group_id for p in usable.pairs()}
+        held = usable.pairs()
+        with_pairs = {p.group_id for p in held}
         for version in self.routing.versions():
             served = {g: f for g, f in features.items() if self.routing.version_for(g) == version}
             if not with_pairs & set(served):
                 continue
             pairs = PairBuffer(usable.capacity, usable.half_life_s)
-            for pair in usable.pairs():
+            for pair in held:
                 if pair.group_id in served:
                     pairs.add(pair)
             out.append((version, self.model_for(version), served, pairs, version == self.routing.default))

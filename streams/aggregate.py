@@ -170,53 +170,58 @@ class AggregateStage:
         """Count one outcome batch of ``category``; return the pairs and alerts it produced."""
         grouper = self.grouper(category)
         ctr_delta: dict[tuple[str, str], dict[str, list[Any]]] = defaultdict(dict)
-        attr_delta: dict[str, dict[str, list[int]]] = defaultdict(dict)
+        prompt_delta: dict[tuple[str, str], list[int]] = {}
         assigned = self.stores.assigned
+        user_groups = self.stores.user_groups
+        expiry, labels = self._expiry[category], self._labels[category]
+        watermark = self._watermark[category]
         moved: list[tuple[str, str | None, str]] = []
         latest_click = 0
         for event_id, user_id, user, product, creative, prompt, ts in batch.impressions:
             if event_id in assigned:
                 self.counters.duplicates += 1
                 continue
-            group = grouper.learn_and_assign(category, user, creative, _attribute_names(prompt) or None)
-            assigned[event_id] = list(Assigned(group, product, creative, ts, 0, category, user))
-            self._expiry[category].append((ts, event_id))
-            self._labels[category].append((ts, event_id))
+            names = _attribute_names(prompt)
+            group = grouper.learn_and_assign(category, user, creative, names or None)
+            assigned[event_id] = [group, product, creative, ts, 0, category, user]
+            expiry.append((ts, event_id))
+            labels.append((ts, event_id))
             user_key = f"{category}|{user_id}"
-            old_group = self.stores.user_groups.get(user_key)
+            old_group = user_groups.get(user_key)
             if old_group != group:
-                self.stores.user_groups[user_key] = group
+                user_groups[user_key] = group
                 moved.append((user_id, old_group, group))
             _bump(ctr_delta[(group, product)], creative, 0, prompt)
-            for name in _attribute_names(prompt):
-                _bump(attr_delta[group], name, 0, None)
-            self._watermark[category] = max(self._watermark[category], ts)
+            if names:
+                _count_prompt(prompt_delta, group, prompt, 0)
+            if ts > watermark:
+                watermark = ts
             self.counters.impressions += 1
+        self._watermark[category] = watermark
         for impression_id, ts in batch.clicks:
             stored = assigned.get(impression_id)
-            if stored is None or Assigned(*stored).clicked:
+            if stored is None or stored[_CLICKED]:
                 self.counters.duplicates += 1
                 continue
-            entry = Assigned(*stored)._replace(clicked=1)
-            group, product, creative = entry.group, entry.product, entry.creative
-            assigned[impression_id] = list(entry)
-            grouper.learn_click(category, entry.user, creative)
+            group, product, creative, imp_ts, _, stored_category, user = stored
+            assigned[impression_id] = [group, product, creative, imp_ts, 1, stored_category, user]
+            grouper.learn_click(category, user, creative)
             prompt = self._prompt_of(group, product, creative, ctr_delta)
             _bump(ctr_delta[(group, product)], creative, 1, prompt)
-            for name in _attribute_names(prompt):
-                _bump(attr_delta[group], name, 1, None)
+            if _attribute_names(prompt):
+                _count_prompt(prompt_delta, group, prompt, 1)
             self.counters.clicks += 1
             latest_click = max(latest_click, ts)
+        attr_delta = _attribute_delta(prompt_delta)
         self._apply_deltas(ctr_delta, attr_delta)
         result = AggregateResult(
             ctr_delta=dict(ctr_delta),
             attr_groups=set(attr_delta),
             moved=moved,
-            as_of_ms=max(self._watermark[category], latest_click),
+            as_of_ms=max(watermark, latest_click),
         )
-        ts_now = self._watermark[category]
         for group, product in ctr_delta:
-            result.pairs.extend(self._mine(category, group, product, ts_now))
+            result.pairs.extend(self._mine(category, group, product, watermark))
         result.alerts.extend(self._label_drift(category))
         self._expire(category)
         self._batches[category] += 1
@@ -271,8 +276,7 @@ class AggregateStage:
             stored = self.stores.assigned.get(impression_id)
             if stored is None:
                 continue
-            entry = Assigned(*stored)
-            alert = self.drift.update(entry.group, category, bool(entry.clicked), ts)
+            alert = self.drift.update(stored[_GROUP], category, bool(stored[_CLICKED]), ts)
             if alert is not None:
                 alerts.append(alert)
         return alerts
@@ -298,6 +302,10 @@ class Assigned(NamedTuple):
     user: dict[str, Any]
 
 
+_GROUP, _CLICKED = Assigned._fields.index("group"), Assigned._fields.index("clicked")
+"""Positions in an ``assigned`` row, read without building an :class:`Assigned` on the hot path."""
+
+
 class CreativeRow(NamedTuple):
     """A creative's counts in the ``ctr`` table (stored as a list in the changelog)."""
 
@@ -314,6 +322,32 @@ def _bump(row: dict[str, list[Any]], key: str, clicked: int, prompt: str | None)
         counts[1] += 1
     else:
         counts[0] += 1
+
+
+def _count_prompt(delta: dict[tuple[str, str], list[int]], group: str, prompt: str, clicked: int) -> None:
+    """Count an impression (or click) of ``prompt`` in ``group``; expanded to attributes once per batch."""
+    counts = delta.get((group, prompt))
+    if counts is None:
+        delta[(group, prompt)] = counts = [0, 0]
+    counts[clicked] += 1
+
+
+def _attribute_delta(prompt_delta: dict[tuple[str, str], list[int]]) -> dict[str, dict[str, list[Any]]]:
+    """``group -> {"attribute=value": [impressions, clicks, None]}`` from per-prompt counts.
+
+    Keys come in the order per-event counting would have added them (prompts in order of first use).
+    """
+    attr_delta: dict[str, dict[str, list[Any]]] = defaultdict(dict)
+    for (group, prompt), (imps, clicks) in prompt_delta.items():
+        row = attr_delta[group]
+        for name in _attribute_names(prompt):
+            counts = row.get(name)
+            if counts is None:
+                row[name] = [imps, clicks, None]
+            else:
+                counts[0] += imps
+                counts[1] += clicks
+    return attr_delta
 
 
 @lru_cache(maxsize=65536)

@@ -139,37 +139,42 @@ class IngestStage:
     def process(self, partition: int, values: list[bytes]) -> BatchResult:
         """Handle one partition's messages (one event or a batch each) in offset order; state goes to the stores."""
         result = BatchResult()
+        counters, seen = self.counters, self.seen
+        watermark = self._watermark[partition]
         for position, raw in enumerate(values):
             events = decode_message(raw)
             result.events_per_message.append(len(events))
             for event in events:
                 if isinstance(event, BadEvent):
-                    self.counters.rejected += 1
+                    counters.rejected += 1
                     result.rejected.append(Rejected(event.error, event.raw, position, event.index))
                     continue
-                self.counters.events += 1
-                if event.event_id in self.seen:
-                    self.counters.duplicates += 1
+                counters.events += 1
+                if event.event_id in seen:
+                    counters.duplicates += 1
                     continue
-                if event.ts > self._watermark[partition]:
-                    self._watermark[partition] = event.ts
+                if event.ts > watermark:
+                    watermark = event.ts
                 if isinstance(event, Impression):
                     self._accept_impression(partition, event, result)
                 else:
                     self._accept_click(partition, event, result)
+        self._watermark[partition] = watermark
         self._expire(partition)
         return result
 
     def _accept_impression(self, partition: int, imp: Impression, result: BatchResult) -> None:
-        self._remember(partition, imp.event_id, imp.ts, "")
-        self.index[imp.event_id] = [imp.category, imp.ts, 0, partition]
-        heapq.heappush(self._index_queue[partition], (imp.ts, imp.event_id))
+        event_id, ts = imp.event_id, imp.ts
+        self._remember(partition, event_id, ts, "")
+        self.index[event_id] = [imp.category, ts, 0, partition]
+        heapq.heappush(self._index_queue[partition], (ts, event_id))
         self.counters.impressions += 1
         result.impressions.append(imp)
-        for click in self._held.pop(imp.event_id, ()):
-            self.counters.clicks_held -= 1
-            self.seen[click.event_id] = [click.ts, partition, ""]
-            self._attribute(click, result)
+        if event_id in self._held:
+            for click in self._held.pop(event_id):
+                self.counters.clicks_held -= 1
+                self.seen[click.event_id] = [click.ts, partition, ""]
+                self._attribute(click, result)
 
     def _accept_click(self, partition: int, click: Click, result: BatchResult) -> None:
         if click.impression_id in self.index:

@@ -175,7 +175,7 @@ def _per_target_round(arm: Arm, world: World, products: Mapping[str, ProductReco
             arm.live[target] = candidate
         arm.gate_figures = {**known, **(lineage.gate_figures or {})}
         arm.pending = [p for p in arm.pending if p.group_id not in targets] + \
-            [p for p in lineage.pending if p.group_id not in moved]
+            [p for p in lineage.pending if settings.loop.onpolicy_replay or p.group_id not in moved]
         if candidate is not None:
             candidates.append((candidate, targets, moved))
         results.append(result | {"targets": targets})
@@ -301,7 +301,9 @@ def _gated(arm: Arm, candidate: GMLLM, figures: dict[str, Any], settings: Learne
     """
     if gate_judge is None:
         figures.update(promoted=True, reason="no gate", promoted_targets=sorted(arm.targets))
-        arm.model, arm.pending = candidate, []
+        arm.model = candidate
+        if not settings.loop.onpolicy_replay:
+            arm.pending = []
     else:
         if settings.loop.ctr_estimate == "reweight":
             new_figures, arm.gate_figures = judged_pair(gate_judge, candidate, arm.model, estimate="reweight")
@@ -324,7 +326,9 @@ def _gated(arm: Arm, candidate: GMLLM, figures: dict[str, Any], settings: Learne
             figures["regressed"] = regressed_groups(new_figures, arm.gate_figures, config)
         moved_groups = {g for t in moved for g in target_groups(t, groups)}
         arm.gate_figures = {**arm.gate_figures, **{g: new_figures[g] for g in moved_groups if g in new_figures}}
-        if set(moved) == set(arm.targets):
+        if settings.loop.onpolicy_replay:
+            pass  # earlier rounds' pairs stay, as in the production buffer
+        elif set(moved) == set(arm.targets):
             arm.pending = []
         elif moved:  # only per target, and only a Group-DPO arm's pending pairs (a baseline keeps its traffic)
             arm.pending = [p for p in arm.pending if p.group_id not in moved]

@@ -367,6 +367,11 @@ class LoopSettings(BaseModel):
     onpolicy_products: int = Field(
         6, ge=1, le=1000, description="On-policy rounds (benchmark): products per group that get slates."
     )
+    onpolicy_replay: bool = Field(
+        False, description="On-policy rounds (benchmark): keep the pairs of earlier rounds after their model went "
+        "live, as the learner's replay buffer does in production (false: a round fits on the live model's own "
+        "pairs only)."
+    )
     pair_min_lift: float = Field(
         0.0, ge=0, le=100.0, description="On-policy pairs: the winner's observed CTR must be at least (1 + this) "
         "times the loser's (a margin beside the miner's confidence)."

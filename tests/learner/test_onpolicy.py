@@ -322,3 +322,25 @@ def test_group_promotion_puts_a_candidate_live_only_for_the_groups_it_raises(tin
     fitted = [entry for entry in second["candidates"]]
     assert [targets for _, targets, _ in fitted] == [["mugs/calm"], ["mugs/pinkish"]]
     assert [went for _, _, went in fitted] == [[], ["mugs/pinkish"]]
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_replay_keeps_earlier_rounds_pairs_after_promotion(tiny_setup, replay: bool) -> None:  # noqa: ANN001
+    from bench.onpolicy import Arm, onpolicy_round
+    from learner.pretrain import torch_threads
+
+    world, settings, base, features, members, products = tiny_setup
+    settings = settings.model_copy(update={
+        "loop": settings.loop.model_copy(update={"onpolicy_replay": replay}),
+        "dpo": settings.dpo.model_copy(update={"min_steps": 1, "max_steps": 2}),
+    })
+    arm = Arm("Group-DPO", base, dict(features), dict(members), one_size=False)
+    with torch_threads(1):
+        first = onpolicy_round(arm, world, products, settings, seed=0, round_number=1, gate_judge=None)
+        second = onpolicy_round(arm, world, products, settings, seed=0, round_number=2, gate_judge=None)
+    assert first["promoted_targets"] and first["pairs_fresh"] > 0
+    kept = second["pairs"] - second["pairs_fresh"]
+    if replay:  # the first round's pairs stay, as in the learner's buffer (ids differ by round)
+        assert kept == first["pairs"], (first, second)
+    else:  # the promoted model's own pairs only
+        assert kept == 0, (first, second)

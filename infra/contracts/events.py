@@ -194,14 +194,10 @@ def _checked_single(event: Impression | Click, data: bytes) -> Impression | Clic
 
 
 def _checked_in_batch(event: Impression | Click, index: int, check_size: bool) -> Impression | Click | BadEvent:
-    if event.schema_version in SUPPORTED_SCHEMAS and not (check_size and _size(event) > MAX_EVENT_BYTES):
-        return event
     try:
         _check_schema(event.schema_version)
-        if check_size:
-            size = len(to_bytes(event))
-            if size > MAX_EVENT_BYTES:
-                raise EventError("<event>", f"event is {size} bytes, over the {MAX_EVENT_BYTES}-byte limit")
+        if check_size and (size := _size(event)) > MAX_EVENT_BYTES:
+            raise EventError("<event>", f"event is {size} bytes, over the {MAX_EVENT_BYTES}-byte limit")
     except EventError as err:
         return BadEvent(err, to_bytes(event), index)
     return event

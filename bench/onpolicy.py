@@ -106,9 +106,10 @@ class Arm:
         """The model that serves ``target``."""
         return self.live.get(target, self.model)
 
-    def lineages(self) -> list[tuple[GMLLM, list[str]]]:
-        """The targets grouped by the live model that serves them (each model once, in target order)."""
-        return lineages(self.targets, self.live_model)
+    def lineages(self, split: str = "version") -> list[tuple[GMLLM, list[str]]]:
+        """The targets grouped by the live model that serves them, in target order (``split``:
+        :func:`learner.dpo.onpolicy.lineages`)."""
+        return lineages(self.targets, self.live_model, split)
 
 
 def slate_products(world: World, products: Mapping[str, ProductRecord], targets: Sequence[str],
@@ -158,7 +159,7 @@ def _per_target_round(arm: Arm, world: World, products: Mapping[str, ProductReco
     judged_groups = gate_judge.groups() if gate_judge is not None else []
     results: list[dict[str, Any]] = []
     candidates: list[tuple[GMLLM, list[str], list[str]]] = []
-    for model, targets in arm.lineages():
+    for model, targets in arm.lineages(settings.loop.lineage):
         groups = [g for t in targets for g in target_groups(t, judged_groups)]
         known = arm.gate_figures or {}
         lineage = Arm(arm.name, model, {t: arm.targets[t] for t in targets},

@@ -384,6 +384,11 @@ class LoopSettings(BaseModel):
         "incumbent up to this many times without those groups' pairs (they become groups without evidence, held "
         "by dpo.preserve) and gate again; 0: off."
     )
+    lineage: Literal["version", "category", "group"] = Field(
+        "version", description="promotion=group: what one fit covers: every group one version serves (version), "
+        "those of one category (category: a fit on one category's pairs cannot move another's groups), or one "
+        "group (group: no group's pairs move another's)."
+    )
     promotion: Literal["model", "group"] = Field(
         "group", description="Gate: model, a candidate goes live for every group or for none; group, it goes live "
         "for each group it raises without regressing (the others keep the version they had, and their next "

@@ -50,6 +50,7 @@ from pathlib import Path
 from infra.settings import LearnerSettings, Settings
 from learner.buffer import PairBuffer, TrainingTrigger
 from learner.data import ProductRecord
+from learner.dpo.onpolicy import lineage_part
 from features.group import GroupFeatures
 from learner.history import read_rounds
 from learner.model.gmllm import GMLLM
@@ -275,7 +276,7 @@ class LearnerLoop:
                   ) -> list[tuple[int | None, GMLLM, dict[str, GroupFeatures | str], PairBuffer, bool]]:
         """What a round fits: (version, its model, the features of the groups it serves, their pairs, whether it
         is the default) — the incumbent for everything, or with per-group promotion each version that serves a
-        group with pairs."""
+        group with pairs (per category or per group of it under ``learner.loop.lineage``)."""
         whole = [(self.version, self.incumbent, dict(features), usable, True)]
         if self.settings.loop.promotion != "group" or self.one_size:
             return whole  # type: ignore[return-value]
@@ -284,13 +285,18 @@ class LearnerLoop:
         with_pairs = {p.group_id for p in held}
         for version in self.routing.versions():
             served = {g: f for g, f in features.items() if self.routing.version_for(g) == version}
-            if not with_pairs & set(served):
-                continue
-            pairs = PairBuffer(usable.capacity, usable.half_life_s)
-            for pair in held:
-                if pair.group_id in served:
-                    pairs.add(pair)
-            out.append((version, self.model_for(version), served, pairs, version == self.routing.default))
+            parts: dict[str, dict[str, GroupFeatures | str]] = {}
+            for group in sorted(served):
+                parts.setdefault(lineage_part(group, self.settings.loop.lineage), {})[group] = served[group]
+            for part in parts.values():
+                if not with_pairs & set(part):
+                    continue
+                pairs = PairBuffer(usable.capacity, usable.half_life_s)
+                for pair in held:
+                    if pair.group_id in part:
+                        pairs.add(pair)
+                default = version == self.routing.default and len(part) == len(served)
+                out.append((version, self.model_for(version), part, pairs, default))
         return out or whole  # type: ignore[return-value]
 
 

@@ -217,9 +217,10 @@ class _ArmState:
         """The version label of the impressions served to ``target`` (``<arm>-v<n>``)."""
         return f"{self.name}-v{self.target_version.get(target, self.version)}"
 
-    def lineages(self) -> list[tuple[GMLLM, list[str]]]:
-        """The targets grouped by the live model serving them (each model once, in target order)."""
-        return lineages(self.targets, self.live_model)
+    def lineages(self, split: str = "version") -> list[tuple[GMLLM, list[str]]]:
+        """The targets grouped by the live model serving them, in target order (``split``:
+        :func:`learner.dpo.onpolicy.lineages`)."""
+        return lineages(self.targets, self.live_model, split)
 
     def top(self) -> dict[tuple[str, str], str]:
         """The creative each slate serves most (highest posterior mean) per (target, product)."""
@@ -510,7 +511,7 @@ def _group_round(arm: _ArmState, boundary_ts: int, world: World, products: Mappi
                                "lineages": lineages}
     arm.rounds.append(figures)
     moves: list[_Move] = []
-    for model, targets in arm.lineages():
+    for model, targets in arm.lineages(settings.loop.lineage):
         mine = [p for p in pairs if p.group_id in targets]
         lineage: dict[str, Any] = {"targets": targets, "from_version": arm.label(targets[0]), "pairs": len(mine)}
         lineages.append(lineage)

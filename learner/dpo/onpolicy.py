@@ -78,14 +78,29 @@ def target_groups(target: str, groups: Sequence[str]) -> list[str]:
     return [g for g in groups if g == target]
 
 
-def lineages(targets: Iterable[str], live_model: Callable[[str], GMLLM]) -> list[tuple[GMLLM, list[str]]]:
+def lineages(targets: Iterable[str], live_model: Callable[[str], GMLLM],
+             split: str = "version") -> list[tuple[GMLLM, list[str]]]:
     """Per-group promotion: ``targets`` grouped by the live model that serves each (``live_model(target)``),
-    each model once, targets sorted; a round fits each lineage from its model on its own targets' pairs."""
-    out: dict[int, tuple[GMLLM, list[str]]] = {}
+    targets sorted; a round fits each lineage from its model on its own targets' pairs.
+
+    ``split`` (``learner.loop.lineage``): ``version``, one lineage per model; ``category``, per model and
+    category; ``group``, one per target."""
+    out: dict[tuple[int, str], tuple[GMLLM, list[str]]] = {}
     for target in sorted(targets):
         model = live_model(target)
-        out.setdefault(id(model), (model, []))[1].append(target)
+        out.setdefault((id(model), lineage_part(target, split)), (model, []))[1].append(target)
     return list(out.values())
+
+
+def lineage_part(target: str, split: str) -> str:
+    """The part of a version's targets ``target`` is fitted with under ``learner.loop.lineage`` = ``split``."""
+    if split == "version":
+        return ""
+    if split == "category":
+        return target.split("/", 1)[0]
+    if split == "group":
+        return target
+    raise ValueError(f"learner.loop.lineage must be version, category or group, got {split!r}")
 
 
 def sample_slates(

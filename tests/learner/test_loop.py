@@ -270,6 +270,35 @@ def test_group_promotion_publishes_a_version_for_the_groups_it_raises_and_fits_e
     assert restarted.routing == loop.routing and restarted.next_round == 4
 
 
+def test_lineage_group_fits_each_group_of_a_version_on_its_own_pairs(  # noqa: ANN001
+        tmp_path, base_artifact, tiny_log, features, pairs, one_thread) -> None:  # noqa: ANN001
+    from learner.publish import published_groups
+
+    settings = SETTINGS.model_copy(update={
+        "dpo": SETTINGS.dpo.model_copy(update={"max_steps": 2, "min_steps": 1}),
+        "loop": SETTINGS.loop.model_copy(update={"accuracy_tolerance": 1.0, "promotion": "group",
+                                                 "lineage": "group"}),
+    })
+    served: list[list[str]] = []
+
+    def judge_for(round_features):  # noqa: ANN001, ANN202
+        served.append(sorted(round_features))
+        return lambda gmllm, one_size=False: {g: (0.05 if gmllm is base else 0.06) for g in round_features}
+
+    loop = _loop(tmp_path, base_artifact, tiny_log, features, settings, judge=judge_for)
+    base = loop.incumbent
+    for pair in pairs[:60]:
+        loop.offer(pair)
+    first = loop.train_round(now=1.0)
+    assert served == [["mugs/g0"], ["mugs/g1"]], "one fit per group of the version, each judged on its group"
+    assert [set(s.outcome.record.pairs_per_group) for s in first.lineages] == [{"mugs/g0"}, {"mugs/g1"}]
+    assert [s.outcome.record.reference_version for s in first.lineages] == [1, 1]
+    assert published_groups(loop.repository, "gmllm", 2) == ["mugs/g0"]
+    assert published_groups(loop.repository, "gmllm", 3) == ["mugs/g1"]
+    assert (loop.routing.version_for("mugs/g0"), loop.routing.version_for("mugs/g1")) == (2, 3)
+    assert (loop.version, loop.incumbent) == (1, base), "a fit on one group's pairs never becomes the default"
+
+
 def test_group_features_come_from_the_traffic_log_when_the_store_is_off_or_not_applied(tmp_path, features) -> None:  # noqa: ANN001, E501
     for enabled in (False, True):
         settings = load_settings(data_dir=tmp_path, features={"enabled": enabled})

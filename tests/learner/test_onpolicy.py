@@ -344,3 +344,18 @@ def test_replay_keeps_earlier_rounds_pairs_after_promotion(tiny_setup, replay: b
         assert kept == first["pairs"], (first, second)
     else:  # the promoted model's own pairs only
         assert kept == 0, (first, second)
+
+
+def test_lineages_split_a_versions_targets_by_category_or_group() -> None:
+    from learner.dpo.onpolicy import lineages
+
+    old, new = object(), object()
+    targets = ["mugs/g0", "mugs/g1", "socks/g0", "socks/g1"]
+    live = {"socks/g1": new}
+    serving = lambda t: live.get(t, old)  # noqa: E731
+    assert lineages(targets, serving) == [(old, ["mugs/g0", "mugs/g1", "socks/g0"]), (new, ["socks/g1"])]
+    assert lineages(targets, serving, "category") == [(old, ["mugs/g0", "mugs/g1"]), (old, ["socks/g0"]),
+                                                       (new, ["socks/g1"])]
+    assert [t for _, t in lineages(targets, serving, "group")] == [[t] for t in targets]
+    with pytest.raises(ValueError, match="learner.loop.lineage"):
+        lineages(targets, serving, "product")

@@ -628,7 +628,7 @@ def _report(options: ExperimentOptions, world: World, arms: Mapping[str, _ArmSta
         "seconds": {"base": round(base_s, 1), "traffic_and_rounds": round(traffic_s, 1), "total": round(total_s, 1)},
         "settings": {"model": settings.model.model_dump(mode="json"), "dpo": settings.dpo.model_dump(mode="json"),
                      "onpolicy_candidates": settings.loop.onpolicy_candidates,
-                     "promotion": settings.loop.promotion,
+                     "promotion": settings.loop.promotion, "lineage": settings.loop.lineage,
                      "pretrain": settings.pretrain.model_dump(mode="json")},
         "notes": ["observed CTRs include the world's user and product offsets; the oracle is the expected CTR of "
                   "the best of 200 (quick: 40) random prompts per judged product for the group's average member, "

@@ -75,10 +75,10 @@ def test_group_promotion_puts_a_candidate_live_for_the_targets_it_raises(
     monkeypatch.setattr(sim.experiment, "judged", scripted)
     options = ExperimentOptions(world_file=WORLD, arms=("one-size", "group-dpo"), minutes=2.0, seed=3, rate=200,
                                 round_every_min=0.5, min_impressions=30, quick=True, cache_dir=bases,
-                                learner={"loop": {"promotion": "group"}})
+                                learner={"loop": {"promotion": "group", "lineage": "version"}})
     report = run_experiment(options)
     write_report(report, tmp_path / "out")
-    groups = report["groups"]
+    groups = report["groups"]  # one version's groups fitted together (lineage=version), across categories
     assert report["settings"]["promotion"] == "group" and len(groups) >= 2
     arm = report["results"]["group-dpo"]
     first = next(r for r in arm["rounds"] if r["pairs"])  # round 2 (deterministic until a version goes live)

@@ -91,15 +91,16 @@ def test_once_trains_publishes_a_loadable_version_logs_it_and_dead_letters_the_m
     live = versions(repo, "gmllm")
     assert live[0] == 1 and read_announcement(repo, "gmllm")["version"] == live[-1]
     GMLLM.load(repo / "gmllm" / str(live[-1]))  # verifies every file against the manifest
-    [record] = [json.loads(line) for line in (repo / "gmllm" / "rounds.jsonl").read_text().splitlines()]
-    assert record["round"] == 1 and record["reference_version"] == 1
-    assert set(record["pairs_per_group"]) == {"mugs/g0", "mugs/g1"}
-    assert sum(record["pairs_per_group"].values()) + record["heldout_pairs"] == 120
-    assert record["decision"] == "promoted" and record["version"] == 2 == live[-1], record["gate"]
-    # per-group promotion: mugs/g0's 8 held-out pairs all agree with the candidate (binomial p 0.004), mugs/g1's
-    # do not beat chance: version 2 goes live for mugs/g0 only, version 1 stays the default
-    assert record["gate"]["promoted_groups"] == ["mugs/g0"], record["gate"]
-    assert "mugs/g0 -> v2" in out
+    records = [json.loads(line) for line in (repo / "gmllm" / "rounds.jsonl").read_text().splitlines()]
+    # one fit per group (learner.loop.lineage: group), both from version 1, each on its own group's pairs
+    assert [r["round"] for r in records] == [1, 2] and {r["reference_version"] for r in records} == {1}
+    assert [set(r["pairs_per_group"]) for r in records] == [{"mugs/g0"}, {"mugs/g1"}]
+    assert sum(sum(r["pairs_per_group"].values()) + r["heldout_pairs"] for r in records) == 120
+    # per-group promotion: each group's held-out pairs (8 and 9) all agree with its own candidate (binomial
+    # p <= 0.004): version 2 goes live for mugs/g0, version 3 for mugs/g1, version 1 stays the default
+    assert [(r["decision"], r["version"], r["gate"]["promoted_groups"]) for r in records] == [
+        ("promoted", 2, ["mugs/g0"]), ("promoted", 3, ["mugs/g1"])], [r["gate"] for r in records]
+    assert live[-1] == 3 and "mugs/g0 -> v2" in out and "mugs/g1 -> v3" in out
 
     [letter] = [parse_dead_letter(r.value) for r in consume_all(bootstrap, [dead])]
     assert letter.source_topic == topic and letter.field == "winner_ctr" and letter.original == malformed
@@ -109,9 +110,10 @@ def test_once_trains_publishes_a_loadable_version_logs_it_and_dead_letters_the_m
     again = runner.invoke(app, ["learner", "run", "--once", "--traffic", str(base_run / "traffic")])
     assert again.exit_code == 0, again.output
     assert "incumbent: version 1" in again.output and "mugs/g0 on version 2" in again.output
+    assert "mugs/g1 on version 3" in again.output
     assert "0 new since the last round" in again.output
     assert "no new pairs; no round run" in again.output and "1 already there" in again.output
-    assert len(consume_all(bootstrap, [dead])) == 1 and versions(repo, "gmllm") == [1, 2]
+    assert len(consume_all(bootstrap, [dead])) == 1 and versions(repo, "gmllm") == [1, 2, 3]
 
 
 @pytest.mark.broker

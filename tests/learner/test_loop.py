@@ -126,8 +126,10 @@ def test_a_better_candidate_is_published_as_the_next_version_and_logged(tmp_path
 def test_known_groups_without_pairs_are_protected_in_a_round(tmp_path, base_artifact, tiny_log, features,  # noqa: ANN001
                                                                pairs, one_thread) -> None:  # noqa: ANN001
     only_g0 = [p for p in pairs if p.group_id == "mugs/g0"]
-    quiet = _loop(tmp_path / "a", base_artifact, tiny_log, features, known_groups=["mugs/g1"])
-    alone = _loop(tmp_path / "b", base_artifact, tiny_log, features)
+    # one fit for the category's groups: mugs/g1 is in it without pairs (one fit per group never touches it)
+    settings = SETTINGS.model_copy(update={"loop": SETTINGS.loop.model_copy(update={"lineage": "category"})})
+    quiet = _loop(tmp_path / "a", base_artifact, tiny_log, features, settings, known_groups=["mugs/g1"])
+    alone = _loop(tmp_path / "b", base_artifact, tiny_log, features, settings)
     for loop in (quiet, alone):
         for pair in only_g0:
             loop.offer(pair)
@@ -143,6 +145,7 @@ def test_a_round_anchors_groups_without_pairs_on_the_incumbents_own_samples(tmp_
                                                                              features, pairs, one_thread) -> None:  # noqa: ANN001
     settings = SETTINGS.model_copy(deep=True)
     settings.dpo.preserve, settings.dpo.anchor_products, settings.loop.onpolicy_candidates = "both", 1, 4
+    settings.loop.lineage = "category"  # mugs/g1 shares g0's fit, without pairs
     loop = _loop(tmp_path, base_artifact, tiny_log, features, known_groups=["mugs/g1"], settings=settings)
     for pair in (p for p in pairs if p.group_id == "mugs/g0"):
         loop.offer(pair)
@@ -226,7 +229,8 @@ def test_group_promotion_publishes_a_version_for_the_groups_it_raises_and_fits_e
 
     settings = SETTINGS.model_copy(update={
         "dpo": SETTINGS.dpo.model_copy(update={"max_steps": 2, "min_steps": 1}),
-        "loop": SETTINGS.loop.model_copy(update={"accuracy_tolerance": 1.0, "promotion": "group"}),
+        "loop": SETTINGS.loop.model_copy(update={"accuracy_tolerance": 1.0, "promotion": "group",
+                                                 "lineage": "category"}),
     })
     seen: list[object] = []
     served: list[list[str]] = []

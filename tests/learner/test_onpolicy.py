@@ -86,19 +86,26 @@ def _policy_ctr(world, model, features, members, products,  # noqa: ANN001
     return out
 
 
-def _two_rounds(setup, preserve: str, **dpo) -> tuple[dict, dict, list[dict]]:  # noqa: ANN001, ANN003
+def _two_rounds(setup, preserve: str, lineage: str = "category",  # noqa: ANN001
+                **dpo) -> tuple[dict, dict, list[dict]]:  # noqa: ANN003
+    """Two on-policy rounds in which only mugs/pinkish has traffic. ``lineage`` ``category`` (the protection
+    tests): one fit covers both groups, so mugs/calm must be held by ``preserve``; ``group`` (the default):
+    each group is fitted on its own pairs. CTR after: each group's live model."""
     from bench.onpolicy import Arm, onpolicy_round
     from learner.pretrain import torch_threads
 
     world, settings, base, features, members, products = setup
-    settings = settings.model_copy(update={"dpo": settings.dpo.model_copy(update={"preserve": preserve, **dpo})})
+    settings = settings.model_copy(update={"dpo": settings.dpo.model_copy(update={"preserve": preserve, **dpo}),
+                                           "loop": settings.loop.model_copy(update={"lineage": lineage})})
     # Only mugs/pinkish is shown to users: mugs/calm gets no traffic, hence no pair, in either round.
     arm = Arm("Group-DPO", base, dict(features), {"mugs/pinkish": members["mugs/pinkish"]}, one_size=False)
     with torch_threads(1):
         before = _policy_ctr(world, base, features, members, products)
         rounds = [onpolicy_round(arm, world, products, settings, seed=0, round_number=n, gate_judge=None)
                   for n in (1, 2)]
-        after = _policy_ctr(world, arm.model, features, members, products)
+        after = {g: _policy_ctr(world, arm.live_model(g), features, {g: members[g]}, products)[g] for g in members}
+    if lineage == "group":
+        assert arm.live_model("mugs/calm") is base, "no fit covered the group without pairs: it keeps the base"
     return before, after, rounds
 
 
@@ -116,6 +123,15 @@ def test_two_onpolicy_rounds_raise_the_ctr_of_a_group_with_consistent_pairs(anch
     assert all(r["pairs"] > 0 and set(r["pairs_per_group"]) == {"mugs/pinkish"} for r in rounds)
     (b, _), (a, _) = before["mugs/pinkish"], after["mugs/pinkish"]
     assert a > 1.1 * b and a - b > 2 * _noise(before["mugs/pinkish"], after["mugs/pinkish"]), (before, after)
+
+
+def test_two_rounds_with_one_fit_per_group_raise_the_group_with_pairs_and_keep_the_other_on_its_model(
+        tiny_setup) -> None:  # noqa: ANN001
+    before, after, rounds = _two_rounds(tiny_setup, "mirror", lineage="group")
+    assert all(r["pairs"] > 0 and r["mirrored"] == 0 for r in rounds), "a fit covers mugs/pinkish alone"
+    (b, _), (a, _) = before["mugs/pinkish"], after["mugs/pinkish"]
+    assert a > 1.1 * b and a - b > 2 * _noise(before["mugs/pinkish"], after["mugs/pinkish"]), (before, after)
+    assert after["mugs/calm"] == before["mugs/calm"]
 
 
 def test_a_group_without_pairs_is_anchored_and_stays_within_noise(anchored, tiny_setup) -> None:  # noqa: ANN001
@@ -303,7 +319,8 @@ def test_group_promotion_puts_a_candidate_live_only_for_the_groups_it_raises(tin
     from learner.pretrain import torch_threads
 
     world, settings, base, features, members, products = tiny_setup
-    settings = settings.model_copy(update={"loop": settings.loop.model_copy(update={"promotion": "group"})})
+    settings = settings.model_copy(update={"loop": settings.loop.model_copy(update={"promotion": "group",
+                                                                                "lineage": "category"})})
     arm = Arm("Group-DPO", base, dict(features), dict(members), one_size=False)
     judge = _ScriptedGateJudge(base)
     with torch_threads(1):

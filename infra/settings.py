@@ -389,7 +389,7 @@ class LoopSettings(BaseModel):
         "another's; up to one loaded version per group, one fit of at least dpo.min_steps per group with pairs), "
         "the groups of one category (category: a fit on one category's pairs cannot move another's groups), or "
         "every group one version serves (version: fewest fits and loaded versions). Measured on seven worlds "
-        "(docs/learner.md, 'One fit per group'): group raised the oracle fraction to 0.62-0.75 against 0.50-0.66 "
+        "(docs/learner.md, 'One fit per group'): group raised the oracle fraction to 0.63-0.72 against 0.50-0.66 "
         "(category) and 0.31-0.49 (version)."
     )
     promotion: Literal["model", "group"] = Field(

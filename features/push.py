@@ -54,7 +54,7 @@ class PushConfig:
         A flush starts as soon as this many rows wait (default 1000; at most this many per view and push).
     flush_s
         Least time between two flushes started by the clock, so the longest a row waits before
-        its flush starts (default 0.25 s).
+        its flush starts (default 0.1 s).
     queue_rows
         Most rows waiting over all views; past it new rows are dropped and counted (default 200_000).
     retries
@@ -66,7 +66,7 @@ class PushConfig:
     """
 
     batch_rows: int = 1000
-    flush_s: float = 0.25
+    flush_s: float = 0.1
     queue_rows: int = 200_000
     retries: int = 3
     retry_backoff_s: float = 0.2

@@ -61,7 +61,7 @@ class StreamsSettings(BaseModel):
     batch_size: int = Field(
         1000, ge=1, le=100_000, description="Kafka messages per micro-batch (take_events); a batch message counts once."
     )
-    batch_within_s: float = Field(0.2, gt=0, description="Longest wait to fill a micro-batch.")
+    batch_within_s: float = Field(0.1, gt=0, description="Longest wait to fill a micro-batch (adds to click -> feature latency).")
     dedupe_window_s: float = Field(3600.0, gt=0, description="Event-time window in which duplicate ids are dropped.")
     attribution_window_s: float = Field(1800.0, gt=0, description="Latest a click may follow its impression.")
     drift_label_delay_s: float = Field(
@@ -447,7 +447,7 @@ class FeaturesSettings(BaseModel):
         "shared by every machine; None: a file registry under data_dir (one machine only).",
     )
     push_batch_rows: int = Field(1000, ge=1, le=100_000, description="A push is flushed once this many rows wait.")
-    push_flush_s: float = Field(0.25, gt=0, le=60, description="Longest time a row waits before its push.")
+    push_flush_s: float = Field(0.1, gt=0, le=60, description="Longest time a row waits before its push.")
     push_queue_rows: int = Field(
         200_000, ge=1, description="Most rows waiting to be pushed; past it new rows are dropped and counted."
     )

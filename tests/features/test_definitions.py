@@ -75,9 +75,9 @@ def test_bad_feature_settings_are_refused_by_name(features: dict, message: str) 
 
 def test_feature_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OSMF_FEATURES__ONLINE_STORE", "redis")
-    monkeypatch.setenv("OSMF_FEATURES__PUSH_FLUSH_S", "0.1")
+    monkeypatch.setenv("OSMF_FEATURES__PUSH_FLUSH_S", "0.3")
     settings = load_settings()
-    assert settings.features.online_store == "redis" and settings.features.push_flush_s == 0.1
+    assert settings.features.online_store == "redis" and settings.features.push_flush_s == 0.3
 
 
 def test_apply_is_idempotent_and_the_feast_cli_reads_the_generated_config(tmp_path: Path) -> None:

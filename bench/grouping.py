@@ -31,11 +31,14 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bench.common import BenchOptions, print_table
+
+if TYPE_CHECKING:
+    from streams.grouping import GroupingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_WORLDS = (ROOT / "sim/examples/world_a.yaml", ROOT / "sim/examples/world_b.yaml")
@@ -213,8 +216,15 @@ Op = tuple[bool, str, dict[str, Any], str, "tuple[str, ...] | None"]
 """One call to the grouper: is it a click, category, user, creative, the creative's visual attributes."""
 
 
-def _ops(world: Any, seed: int, n_impressions: int) -> list[Op]:
-    """The simulated stream as grouper calls: every impression, and each click right after its impression."""
+def _ops(world: Any, seed: int, n_impressions: int, shuffle_users: bool = False) -> list[Op]:
+    """The simulated stream as grouper calls: every impression, and each click right after its impression.
+
+    ``shuffle_users``: the null stream. Each impression (and its click) is given a user drawn at random
+    from the world, so the clicks, generated for the real user, no longer depend on the attributes seen:
+    every category should stay one group.
+    """
+    import random
+
     from infra.contracts.events import Impression
     from infra.contracts.prompt import PromptError, parse_prompt
     from sim.simulate import generate_events
@@ -222,25 +232,39 @@ def _ops(world: Any, seed: int, n_impressions: int) -> list[Op]:
     ops: list[Op] = []
     tokens: dict[str | None, tuple[str, ...] | None] = {None: None}
     last: Impression | None = None
+    users = [dict(user.attributes) for user in world.users]
+    draw = random.Random(f"null-{seed}")
+    user: dict[str, Any] = {}
     for event in generate_events(world, seed=seed, n_impressions=n_impressions):
         if isinstance(event, Impression):
             last = event
+            user = draw.choice(users) if shuffle_users else event.user
             if event.prompt not in tokens:
                 try:
                     tokens[event.prompt] = parse_prompt(event.prompt).attribute_tokens()  # type: ignore[arg-type]
                 except PromptError:
                     tokens[event.prompt] = None
-            ops.append((False, event.category, event.user, event.creative_id, tokens[event.prompt]))
+            ops.append((False, event.category, user, event.creative_id, tokens[event.prompt]))
         elif last is not None:  # a click follows its impression in the simulated stream
-            ops.append((True, last.category, last.user, last.creative_id, None))
+            ops.append((True, last.category, user, last.creative_id, None))
     return ops
 
 
-def _bench_world(world: Any, checkpoints: Sequence[int], baseline_until: int | None, seed: int = SEED) -> dict[str, Any]:
-    """Feed one stream to the grouper, score it at ``checkpoints``; the baselines up to ``baseline_until``."""
+def _bench_world(
+    world: Any,
+    checkpoints: Sequence[int],
+    baseline_until: int | None,
+    seed: int = SEED,
+    config: GroupingConfig | None = None,
+    null: bool = False,
+) -> dict[str, Any]:
+    """Feed one stream to the grouper, score it at ``checkpoints``; the baselines up to ``baseline_until``.
+
+    ``config``: the grouper's (default: ``GroupingConfig()``); ``null``: the null stream (see :func:`_ops`).
+    """
     from streams.grouping import ProductAwareGrouper
 
-    ops = _ops(world, seed, max(checkpoints))
+    ops = _ops(world, seed, max(checkpoints), shuffle_users=null)
     population = [dict(user.attributes) for user in world.users]
     truth = {c: taste_labels(world, c) for c in world.categories}
     categories: dict[str, dict[str, Any]] = {}
@@ -253,7 +277,7 @@ def _bench_world(world: Any, checkpoints: Sequence[int], baseline_until: int | N
             "ceiling_ari": _r(ceiling_ari),
         }
 
-    grouper = ProductAwareGrouper()
+    grouper = ProductAwareGrouper(config)
     elapsed, impressions, start = 0.0, 0, 0
     for checkpoint in checkpoints:
         end = start
@@ -342,28 +366,80 @@ def _baseline(
     return impressions / elapsed
 
 
-def sweep(paths: Sequence[Path], seeds: Sequence[int], checkpoints: Sequence[int] = SWEEP_CHECKPOINTS) -> list[str]:
+def sweep(
+    paths: Sequence[Path],
+    seeds: Sequence[int],
+    checkpoints: Sequence[int] = SWEEP_CHECKPOINTS,
+    config: GroupingConfig | None = None,
+    null: bool = False,
+) -> list[str]:
     """Across streams: per category, how many seeds reach 0.8 of the ceiling (0.9 from 200k) and each seed's
-    ``nmi / ceiling``, at each checkpoint; the grouper alone (no baselines). Returns the table's lines."""
+    ``nmi / ceiling``, at each checkpoint; the grouper alone (no baselines). Returns the table's lines.
+
+    With ``null`` (users shuffled, :func:`_ops`) a cell counts the seeds that kept one group and lists each
+    seed's number of groups instead; the last lines count the runs that ever split.
+    """
     from sim.world import World
 
     lines = ["| world / category | " + " | ".join(f"@{n // 1000}k" for n in checkpoints) + " |"]
     lines.append("| --- " * (len(checkpoints) + 1) + "|")
     speeds: list[int] = []
+    reached_total, scored, split_runs, null_runs = Counter[int](), 0, 0, 0
     for path in paths:
         world = World.load(path)
-        runs = [_bench_world(world, checkpoints, None, seed) for seed in seeds]
+        runs = [_bench_world(world, checkpoints, None, seed, config, null) for seed in seeds]
         speeds += [run["events_per_s"] for run in runs]
         for category in world.categories:
-            cells = []
-            for n in checkpoints:
-                ratios = [run["categories"][category][f"nmi_over_ceiling@{n}"] for run in runs]
-                goal = 0.9 if n >= 200_000 else 0.8
-                reached = sum(r is not None and r >= goal for r in ratios)
-                cells.append(f"{reached}/{len(ratios)} ({' '.join(f'{r:.2f}' if r is not None else '-' for r in ratios)})")
+            stats = [run["categories"][category] for run in runs]
+            if null:
+                cells = [_null_cell([s[f"groups@{n}"] for s in stats]) for n in checkpoints]
+                null_runs += len(stats)
+                split_runs += sum(s["ids_minted"] > 1 for s in stats)
+            else:
+                cells = []
+                for n in checkpoints:
+                    ratios = [s[f"nmi_over_ceiling@{n}"] for s in stats]
+                    reached = sum(r is not None and r >= (0.9 if n >= 200_000 else 0.8) for r in ratios)
+                    cells.append(f"{reached}/{len(ratios)} ({' '.join(f'{r:.2f}' if r is not None else '-' for r in ratios)})")
+                    reached_total[n] += reached if stats[0]["tastes"] > 1 else 0
+                scored += len(stats) if stats[0]["tastes"] > 1 else 0
             lines.append(f"| {world.name} {category} | " + " | ".join(cells) + " |")
+    if null:
+        lines.append(f"users shuffled: {split_runs} of {null_runs} category x seed runs ever split (minted a second group id)")
+    else:
+        lines.append(f"reached the goal, of {scored} category x seed runs with more than one taste: "
+                     + ", ".join(f"@{n // 1000}k {reached_total[n]}" for n in checkpoints))
     lines.append(f"events/s: {min(speeds)}-{max(speeds)}")
     return lines
+
+
+def _null_cell(groups: Sequence[int]) -> str:
+    """Seeds that kept one group, and each seed's groups: ``3/3 (1 1 1)``."""
+    return f"{sum(g == 1 for g in groups)}/{len(groups)} ({' '.join(str(g) for g in groups)})"
+
+
+def parse_config(assignments: Sequence[str]) -> GroupingConfig:
+    """``GroupingConfig`` from ``name=value`` strings (Python literals; ``None`` allowed), checked by the config.
+
+    >>> parse_config(["taste_alpha=1e-2", "interactions=False"]).taste_alpha
+    0.01
+    """
+    import ast
+    import dataclasses
+
+    from streams.grouping import GroupingConfig
+
+    names = {f.name for f in dataclasses.fields(GroupingConfig)}
+    values: dict[str, Any] = {}
+    for assignment in assignments:
+        name, sep, text = assignment.partition("=")
+        if not sep or name not in names:
+            raise ValueError(f"--set {assignment!r}: expected name=value with name one of {', '.join(sorted(names))}")
+        try:
+            values[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            values[name] = text  # a plain string, e.g. evidence=attributes
+    return GroupingConfig(**values)
 
 
 if __name__ == "__main__":  # python -m bench.grouping --seeds 0,1,2,3,4 sim/examples/world_a.yaml ...
@@ -373,6 +449,20 @@ if __name__ == "__main__":  # python -m bench.grouping --seeds 0,1,2,3,4 sim/exa
     parser.add_argument("worlds", nargs="+", type=Path)
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated stream seeds")
     parser.add_argument("--until", type=int, default=max(SWEEP_CHECKPOINTS), help="last checkpoint (impressions)")
+    parser.add_argument(
+        "--null", action="store_true",
+        help="shuffle users: each impression gets a random user of the world, so no attribute predicts the "
+        "clicks; reports the seeds that kept one group per category (a false-split check)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE",
+        help="a GroupingConfig field for this sweep, e.g. --set taste_alpha=1e-2 (repeatable)",
+    )
     arguments = parser.parse_args()
+    try:
+        chosen_config = parse_config(arguments.set)
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))
     chosen = [n for n in SWEEP_CHECKPOINTS if n <= arguments.until]
-    print("\n".join(sweep(arguments.worlds, [int(s) for s in arguments.seeds.split(",")], chosen)))
+    seeds = [int(s) for s in arguments.seeds.split(",")]
+    print("\n".join(sweep(arguments.worlds, seeds, chosen, chosen_config, arguments.null)))

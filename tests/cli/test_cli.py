@@ -199,3 +199,24 @@ def test_worker_on_a_busy_metrics_port_names_the_port_and_the_fix(on_broker: Set
         result = runner.invoke(app, ["worker"])
     assert result.exit_code == 2, result.output
     assert f"127.0.0.1:{port}" in result.output and "OSMF_STREAMS__METRICS_PORT" in result.output
+
+
+def test_an_exit_does_not_import_the_learner() -> None:
+    """A command that stops (``osmf worker`` on SIGTERM: SystemExit through the error wrapper) must not load
+    torch to check whether a learner error was raised; the errors of loaded modules are still recognised."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from cli.common import friendly_errors, user_errors\n"
+        "import infra.settings\n"
+        "names = {e.__name__ for e in user_errors()}\n"
+        "try:\n"
+        "    friendly_errors(lambda: sys.exit(0))()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('ConfigError' in names, 'LearnerServiceError' in names, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["True", "False", "False"], result.stderr

@@ -8,7 +8,8 @@ a. a plain aiokafka consumer reads the batched topics (messages/s, events/s)
    and the single-event topics;
 b. the worker's own stage code (:mod:`streams.stages`: decode, validate,
    dedupe, attribute, group, count) driven by a plain aiokafka loop, no
-   framework: the ceiling for this code;
+   framework, with the collector set as in a worker
+   (:func:`streams.worker.tune_gc`): the ceiling for this code;
 c. ``osmf worker`` on the single-event topics;
 d. ``osmf worker`` on the batched topics;
 e. ``osmf worker -n 2`` on the batched topics.
@@ -20,6 +21,13 @@ first impression *counted* left out the first batches, whose size grows with
 how much the worker takes at once, and overstated the rate);
 (a) and (b) run from their first fetch. Features are off in the workers (the
 stream alone; ``osmf bench freshness`` covers the feature path).
+
+For each worker path the bench also records the share of the machine's CPU
+that was busy while it counted (``machine_busy``, every process) and the
+events per CPU second of the worker's own processes
+(``events_per_worker_cpu_s``). ``worker_cpu_efficiency_2`` is (e)'s over (d)'s:
+near 1, two workers waste nothing on each other, so where ``scale_2`` stays
+low with the machine near 100 % busy, the cores, not the worker, are the limit.
 """
 
 from __future__ import annotations
@@ -53,15 +61,23 @@ GOALS = {"ratio_batched_vs_single": 5.0, "ratio_vs_ceiling": 0.5, "scale_2": 1.6
 
 @dataclass(frozen=True)
 class Rate:
-    """What one path read: events (and Kafka messages) per second."""
+    """What one path read: events (and Kafka messages) per second; for a worker, the CPU it had."""
 
     events_per_s: float
     messages_per_s: float | None = None
+    machine_busy: float | None = None
+    """Share of all the machine's CPU time that was busy (any process) while the worker counted."""
+    events_per_worker_cpu_s: float | None = None
+    """Events per CPU second spent by the worker's processes: its efficiency, whatever else runs."""
 
     def as_dict(self) -> dict[str, float]:
         out = {"events_per_s": round(self.events_per_s, 1)}
         if self.messages_per_s is not None:
             out["messages_per_s"] = round(self.messages_per_s, 1)
+        if self.machine_busy is not None:
+            out["machine_busy"] = round(self.machine_busy, 3)
+        if self.events_per_worker_cpu_s is not None:
+            out["events_per_worker_cpu_s"] = round(self.events_per_worker_cpu_s, 1)
         return out
 
 
@@ -88,7 +104,8 @@ def run(options: BenchOptions) -> dict[str, Any]:
         produce(batched.bootstrap_servers, events, batched.topics, batched.producer)
         raw_single = asyncio.run(_raw_consume_rate(single, n_events))
         raw = asyncio.run(_raw_consume_rate(batched, n_events))
-        ceiling = asyncio.run(_ceiling_rate(batched, n_impressions, n_clicks))
+        with _worker_gc():
+            ceiling = asyncio.run(_ceiling_rate(batched, n_impressions, n_clicks))
         worker_single = _worker_rate(single_env, n_impressions, n_clicks, workers=1)
         worker_batched = _worker_rate(batched_env, n_impressions, n_clicks, workers=1)
         worker_n2 = _worker_rate(batched_env, n_impressions, n_clicks, workers=2)
@@ -97,16 +114,17 @@ def run(options: BenchOptions) -> dict[str, Any]:
         "ratio_vs_ceiling": worker_batched.events_per_s / ceiling.events_per_s,
         "scale_2": worker_n2.events_per_s / worker_batched.events_per_s,
     }
+    workers = {"(c) osmf worker, single-event messages": worker_single, "(d) osmf worker, batched messages": worker_batched,
+               "(e) osmf worker -n 2, batched messages": worker_n2}
     print_table(
         f"stream throughput, {n_events} events (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)",
-        ["path", "messages/s", "events/s"],
+        ["path", "messages/s", "events/s", "machine CPU busy", "events / worker CPU s"],
         [
-            ["(a) plain aiokafka consumer, single-event messages", raw_single.messages_per_s, raw_single.events_per_s],
-            ["(a) plain aiokafka consumer, batched messages", raw.messages_per_s, raw.events_per_s],
-            ["(b) stage code in a plain aiokafka loop (ceiling)", "", ceiling.events_per_s],
-            ["(c) osmf worker, single-event messages", "", worker_single.events_per_s],
-            ["(d) osmf worker, batched messages", "", worker_batched.events_per_s],
-            ["(e) osmf worker -n 2, batched messages", "", worker_n2.events_per_s],
+            ["(a) plain aiokafka consumer, single-event messages", raw_single.messages_per_s, raw_single.events_per_s, "", ""],
+            ["(a) plain aiokafka consumer, batched messages", raw.messages_per_s, raw.events_per_s, "", ""],
+            ["(b) stage code in a plain aiokafka loop (ceiling)", "", ceiling.events_per_s, "", ""],
+            *[[path, "", rate.events_per_s, _share(rate.machine_busy), rate.events_per_worker_cpu_s or ""]
+              for path, rate in workers.items()],
         ],
     )
     print_table(
@@ -123,12 +141,22 @@ def run(options: BenchOptions) -> dict[str, Any]:
         "worker_batched": worker_batched.as_dict(),
         "worker_batched_n2": worker_n2.as_dict(),
         **{name: round(value, 3) for name, value in ratios.items()},
+        "worker_cpu_efficiency_2": _ratio(worker_n2.events_per_worker_cpu_s, worker_batched.events_per_worker_cpu_s),
         "goals": GOALS,
         "goals_met": {name: ratios[name] >= goal for name, goal in GOALS.items()},
         "cpus": os.cpu_count(),
         "load_1m": round(os.getloadavg()[0], 2),
         "quick": options.quick,
     }
+
+
+def _share(value: float | None) -> str:
+    return f"{value:.0%}" if value is not None else ""
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b`` to 3 places, ``None`` where either is unknown."""
+    return round(a / b, 3) if a and b else None
 
 
 def _event_partitions(settings: Settings) -> list[Any]:
@@ -204,6 +232,23 @@ async def _ceiling_rate(settings: Settings, n_impressions: int, n_clicks: int) -
     return Rate((n_impressions + n_clicks) / seconds)
 
 
+@contextmanager
+def _worker_gc() -> Iterator[None]:
+    """The collector as a worker process sets it (:func:`streams.worker.tune_gc`), then as it was: the
+    ceiling runs the stage code under the same process settings as the worker."""
+    import gc
+
+    from streams.worker import tune_gc
+
+    thresholds = gc.get_threshold()
+    tune_gc()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+
+
 def _worker_rate(env: dict[str, str], n_impressions: int, n_clicks: int, workers: int) -> Rate:
     """``osmf worker -n workers`` with a fresh consumer group over the topics of ``env``."""
     port = _free_port_block(workers)
@@ -215,6 +260,7 @@ def _worker_rate(env: dict[str, str], n_impressions: int, n_clicks: int, workers
     )
     try:
         first = None
+        machine_at_first, worker_at_first = _machine_cpu(), 0.0
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -222,12 +268,44 @@ def _worker_rate(env: dict[str, str], n_impressions: int, n_clicks: int, workers
             started, impressions, clicks = _counted(range(port, port + workers))
             if started and first is None:
                 first = time.perf_counter()
+                machine_at_first, worker_at_first = _machine_cpu(), _group_cpu_s(proc.pid)
             if impressions >= n_impressions and clicks >= n_clicks:
-                return Rate((n_impressions + n_clicks) / (time.perf_counter() - (first or time.perf_counter())))
+                seconds = time.perf_counter() - (first or time.perf_counter())
+                busy, total = (now - then for now, then in zip(_machine_cpu(), machine_at_first))
+                worker_cpu_s = _group_cpu_s(proc.pid) - worker_at_first
+                n_events = n_impressions + n_clicks
+                return Rate(
+                    n_events / seconds,
+                    machine_busy=busy / total if total > 0 else None,
+                    events_per_worker_cpu_s=n_events / worker_cpu_s if worker_cpu_s > 0 else None,
+                )
             time.sleep(0.05)
         raise RuntimeError("the worker did not count every event within 600 s")
     finally:
         _stop_group(proc)
+
+
+def _machine_cpu() -> tuple[float, float]:
+    """All CPUs' busy and total seconds since boot (idle and I/O wait count as not busy)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    total = sum(times)
+    return total - times.idle - getattr(times, "iowait", 0.0), total
+
+
+def _group_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a running process and its children, so far."""
+    import psutil
+
+    seconds = 0.0
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(pid)
+        for process in (root, *root.children(recursive=True)):
+            with contextlib.suppress(psutil.Error):
+                times = process.cpu_times()
+                seconds += times.user + times.system
+    return seconds
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

@@ -113,6 +113,25 @@ def test_nested_attribute_error_names_path() -> None:
     assert err.value.field.startswith("user.age")
 
 
+def test_attribute_values_keep_their_json_types() -> None:
+    """Attribute values are tried as str, int, float, bool, None in that order: each JSON value still gets its
+    own type (an int is not read as a float, a bool not as an int, 2.0 stays a float)."""
+    imp = json.loads(
+        to_bytes(
+            Impression(
+                event_id="e", ts=1, user_id="u", user={}, product_id="p", category="c", product={},
+                creative_id="k", prompt=None, model_version="m", placement="feed",
+            )
+        )
+    )
+    imp["user"] = {"s": "1", "i": 3, "f": 2.0, "g": 0.5, "b": True, "n": None}
+    for event in (parse_event(json.dumps(imp).encode()), parse_events(encode_batch([json.dumps(imp).encode()]))[0]):
+        assert {k: type(v) for k, v in event.user.items()} == {
+            "s": str, "i": int, "f": float, "g": float, "b": bool, "n": type(None)
+        }
+        assert event.user == {"s": "1", "i": 3, "f": 2.0, "g": 0.5, "b": True, "n": None}
+
+
 @pytest.mark.parametrize("data", [b"", b"{", b"not json", b"[1,2]", b"42"])
 def test_garbage_is_rejected_cleanly(data: bytes) -> None:
     with pytest.raises(EventError):

@@ -56,7 +56,16 @@ from infra.security import client_options
 from infra.settings import Settings, load_settings
 
 WORLD_A = Path(__file__).resolve().parents[1] / "sim" / "examples" / "world_a.yaml"
+IMPRESSIONS, QUICK_IMPRESSIONS = 60_000, 5_000
+"""Impressions simulated per run (the events add their clicks), full and ``--quick``."""
 GOALS = {"ratio_batched_vs_single": 5.0, "ratio_vs_ceiling": 0.5, "scale_2": 1.6}
+
+
+@dataclass(frozen=True)
+class StreamsOptions(BenchOptions):
+    """:class:`BenchOptions` plus ``impressions`` (``None``: 60,000, or 5,000 with ``quick``)."""
+
+    impressions: int | None = None
 
 
 @dataclass(frozen=True)
@@ -89,7 +98,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
     from sim.simulate import generate_events
     from sim.world import World
 
-    n_impressions = 5_000 if options.quick else 60_000
+    n_impressions = getattr(options, "impressions", None) or (QUICK_IMPRESSIONS if options.quick else IMPRESSIONS)
     world = World.load(options.world or WORLD_A)
     events = list(generate_events(world, seed=1, n_impressions=n_impressions))
     n_events = len(events)

@@ -342,6 +342,11 @@ def bench(
                                       "rerank (the creative the click answer picks of the samples); default "
                                       "learner.loop.ctr_served (slate).")
     ] = None,
+    impressions: Annotated[
+        int | None, typer.Option(min=1_000, help="streams: impressions simulated (their clicks come on top; default "
+                                           "60,000, --quick 5,000). A full run reads them in ~2 s a path; more "
+                                           "measures the steady state, e.g. -n 2's scale-out (docs/streams.md).")
+    ] = None,
     baselines: Annotated[
         str | None, typer.Option(help="alignment: comma-separated baselines run as more arms beside Group-DPO, "
                                       "with the same slates, rounds, gate and judge: kto (TRL's KTO on single "
@@ -392,6 +397,13 @@ def bench(
           or baselines is not None):
         typer.echo(f"error: --seeds, --rounds, --no-gate, --rerank, --serve and --baselines are options of "
                    f"`osmf bench alignment`, not {name!r}", err=True)
+        raise typer.Exit(2)
+    if name == "streams":
+        from bench.streams import StreamsOptions
+
+        options = StreamsOptions(quick=quick, world=world, output_dir=options.output_dir, impressions=impressions)
+    elif impressions is not None:
+        typer.echo(f"error: --impressions is an option of `osmf bench streams`, not {name!r}", err=True)
         raise typer.Exit(2)
     figures = importlib.import_module(BENCHMARKS[name]).run(options)
     emit_result(name, figures)

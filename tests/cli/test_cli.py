@@ -117,6 +117,10 @@ def test_alignment_options_are_checked(isolated: Path) -> None:
     assert result.exit_code == 2 and "--serve best: choose rerank or slate" in result.output
     result = runner.invoke(app, ["bench", "streams", "--serve", "slate"])
     assert result.exit_code == 2 and "are options of `osmf bench alignment`" in result.output
+    result = runner.invoke(app, ["bench", "grouping", "--impressions", "100000"])
+    assert result.exit_code == 2 and "--impressions is an option of `osmf bench streams`" in result.output
+    result = runner.invoke(app, ["bench", "streams", "--impressions", "10"])
+    assert result.exit_code == 2 and "1000" in result.output.replace(",", "")
 
 
 def test_negative_speedup_is_refused() -> None:

@@ -98,7 +98,8 @@ def run(options: BenchOptions) -> dict[str, Any]:
     from sim.simulate import generate_events
     from sim.world import World
 
-    n_impressions = getattr(options, "impressions", None) or (QUICK_IMPRESSIONS if options.quick else IMPRESSIONS)
+    chosen = options.impressions if isinstance(options, StreamsOptions) else None
+    n_impressions = chosen or (QUICK_IMPRESSIONS if options.quick else IMPRESSIONS)
     world = World.load(options.world or WORLD_A)
     events = list(generate_events(world, seed=1, n_impressions=n_impressions))
     n_events = len(events)
@@ -160,6 +161,7 @@ def run(options: BenchOptions) -> dict[str, Any]:
 
 
 def _share(value: float | None) -> str:
+    """A share as a percentage, blank where unknown."""
     return f"{value:.0%}" if value is not None else ""
 
 

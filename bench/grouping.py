@@ -423,22 +423,33 @@ def parse_config(assignments: Sequence[str]) -> GroupingConfig:
 
     >>> parse_config(["taste_alpha=1e-2", "interactions=False"]).taste_alpha
     0.01
+    >>> parse_config(["taste_alpha=1e-2x"])
+    Traceback (most recent call last):
+    ...
+    ValueError: --set 'taste_alpha=1e-2x': taste_alpha takes a number (default 0.001)
     """
     import ast
     import dataclasses
 
     from streams.grouping import GroupingConfig
 
-    names = {f.name for f in dataclasses.fields(GroupingConfig)}
+    fields = {f.name: f for f in dataclasses.fields(GroupingConfig)}
     values: dict[str, Any] = {}
     for assignment in assignments:
         name, sep, text = assignment.partition("=")
-        if not sep or name not in names:
-            raise ValueError(f"--set {assignment!r}: expected name=value with name one of {', '.join(sorted(names))}")
+        if not sep or name not in fields:
+            raise ValueError(f"--set {assignment!r}: expected name=value with name one of {', '.join(sorted(fields))}")
         try:
             values[name] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             values[name] = text  # a plain string, e.g. evidence=attributes
+        default, value = fields[name].default, values[name]
+        if value is None and "None" in str(fields[name].type):
+            continue
+        kind = bool if isinstance(default, bool) else (int, float) if isinstance(default, (int, float)) else None
+        if kind is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+            wanted = "True or False" if kind is bool else "a number"
+            raise ValueError(f"--set {assignment!r}: {name} takes {wanted} (default {default!r})")
     return GroupingConfig(**values)
 
 

@@ -16,6 +16,7 @@ MODULES = [
     "streams.grouping.grouper",
     "streams.grouping.evidence",
     "streams.grouping.statistics",
+    "streams.grouping.tree",
     "learner.dpo.weights",
     "learner.gate",
     "learner.buffer",

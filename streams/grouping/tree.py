@@ -11,7 +11,7 @@ from scipy import sparse
 
 from streams.grouping.category import _Category, _Tree, _Watch
 from streams.grouping.config import GroupingConfig
-from streams.grouping.evidence import Evidence, build_evidence
+from streams.grouping.evidence import Evidence, build_evidence, creatives_only
 from streams.grouping.statistics import _log_p_level, _log_p_pairs, _log_p_same, _log_p_taste_and_split, _log_stirling2
 
 _PAIR_CLICKS = 8  # a node tries pairs of attributes from this many times min_group_clicks clicks
@@ -353,6 +353,27 @@ def _fold(value_i: np.ndarray, max_values: int) -> list[list[int]]:
     parts = [[int(v)] for v in order[: max_values - 1]]
     rest = [int(v) for v in order[max_values - 1 :]]
     return parts + [rest] if rest else parts
+
+
+def keep_apart(clicks: np.ndarray, impressions: np.ndarray, config: GroupingConfig, evidence: Evidence) -> list[list[int]]:
+    """Which of the given parts (rows; columns = creatives) the grouper's tests keep apart: merged as the leaves
+    are at the end of a macro step (``merge_alpha``, taste and level), then all one unless the merged parts
+    differ in taste at ``taste_alpha`` (the gate, without its correction for the search). Given the true
+    parts, this bounds what the clicks let any search find.
+
+    >>> shown = np.full((3, 6), 2000.0)
+    >>> clicks = np.array([[80, 20] * 3, [20, 80] * 3, [21, 79] * 3], dtype=float)
+    >>> keep_apart(clicks, shown, GroupingConfig(), creatives_only(6))
+    [[0], [1, 2]]
+    """
+    groups = _merge(clicks, impressions, [[j] for j in range(len(clicks))], config.merge_alpha, config.max_groups,
+                    evidence)
+    if len(groups) < 2:
+        return groups
+    part_c, part_i = (np.stack([x[g].sum(axis=0) for g in groups]) for x in (clicks, impressions))
+    if _log_p_same(part_c, part_i, evidence) > math.log(config.taste_alpha):
+        return [[j for g in groups for j in g]]
+    return groups
 
 
 def _merge(

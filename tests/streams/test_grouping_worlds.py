@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.grouping import _bench_world, attribute_ceiling, nmi, taste_labels
+from bench.grouping import _bench_world, attribute_ceiling, nmi, separable_ceiling, taste_labels
 from infra.contracts.events import Impression
 from infra.contracts.prompt import parse_prompt
 from sim.simulate import generate_events
@@ -68,3 +68,13 @@ def test_with_users_shuffled_no_category_ever_splits(path: str) -> None:
             assert stats["ids_minted"] == 1, (category, seed, stats["rules"])
         real = _bench_world(world, (60_000,), None, seed)  # the same stream unshuffled does split somewhere
         assert any(stats["groups@60000"] > 1 for stats in real["categories"].values())
+
+
+def test_separable_ceiling_keeps_apart_only_what_the_clicks_show() -> None:
+    """``python -m bench.grouping --separable``: the world's true grouping merged by the grouper's own tests.
+    At 20k impressions world A's clicks tell no taste apart in lipstick (one group, nmi 0); by 200k both
+    categories' tastes are all kept apart (the ceiling)."""
+    world = World.load(EXAMPLES / "world_a.yaml")
+    bound = separable_ceiling(world, 0, (20_000, 200_000))
+    assert bound["lipstick"][20_000] == 0.0
+    assert bound["lipstick"][200_000] == bound["drill"][200_000] == 1.0

@@ -170,9 +170,9 @@ def separable_ceiling(
     ``merge_alpha`` and its taste gate at ``taste_alpha``, with its visual-attribute evidence, and no
     correction for searching the attributes).
 
-    A bound, not an estimate: it is given the partition the grouper must search for, and is tested once
-    where the grouper tests at every macro step. A category the grouper misses where this misses too
-    is limited by what its clicks show, not by how the grouper searches.
+    An optimistic reference, not an estimate: it is given the partition the grouper must search for, and
+    tests it once where the grouper tests at every macro step. A category the grouper misses where this
+    misses too is limited by what its clicks show, not by how the grouper searches.
     """
     from streams.grouping import GroupingConfig
 
@@ -218,7 +218,7 @@ def _merge_inseparable(
         shown[row[taste], column[creative]] += impressions
         clicked[row[taste], column[creative]] += clicks
     evidence = build_evidence([tokens.get(c) for c in creatives], config.evidence)
-    groups = keep_apart(clicked, shown, config, evidence) if len(tastes) > 1 else [[0]] * bool(tastes)
+    groups = keep_apart(clicked, shown, config, evidence) if len(tastes) > 1 else [[k] for k in range(len(tastes))]
     return {tastes[k]: tastes[group[0]] for group in groups for k in group}
 
 

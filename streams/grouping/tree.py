@@ -11,7 +11,7 @@ from scipy import sparse
 
 from streams.grouping.category import _Category, _Tree, _Watch
 from streams.grouping.config import GroupingConfig
-from streams.grouping.evidence import Evidence, build_evidence, creatives_only
+from streams.grouping.evidence import Evidence, build_evidence
 from streams.grouping.statistics import _log_p_level, _log_p_pairs, _log_p_same, _log_p_taste_and_split, _log_stirling2
 
 _PAIR_CLICKS = 8  # a node tries pairs of attributes from this many times min_group_clicks clicks
@@ -359,8 +359,9 @@ def keep_apart(clicks: np.ndarray, impressions: np.ndarray, config: GroupingConf
     """Which of the given parts (rows; columns = creatives) the grouper's tests keep apart: merged as the leaves
     are at the end of a macro step (``merge_alpha``, taste and level), then all one unless the merged parts
     differ in taste at ``taste_alpha`` (the gate, without its correction for the search). Given the true
-    parts, this bounds what the clicks let any search find.
+    parts, it tells what the clicks let the grouper keep apart at best.
 
+    >>> from streams.grouping.evidence import creatives_only
     >>> shown = np.full((3, 6), 2000.0)
     >>> clicks = np.array([[80, 20] * 3, [20, 80] * 3, [21, 79] * 3], dtype=float)
     >>> keep_apart(clicks, shown, GroupingConfig(), creatives_only(6))

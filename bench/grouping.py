@@ -162,7 +162,8 @@ def _majority_tastes(world: Any, category: str) -> dict[tuple[Any, ...], str]:
 
 
 def separable_ceiling(
-    world: Any, seed: int, checkpoints: Sequence[int], config: GroupingConfig | None = None
+    world: Any, seed: int, checkpoints: Sequence[int], config: GroupingConfig | None = None,
+    ops: list[Op] | None = None,
 ) -> dict[str, dict[int, float | None]]:
     """Per category and checkpoint, ``nmi / ceiling`` of the *separable ceiling*: the ceiling's grouping
     (each attribute tuple → its users' majority taste) with the tastes the clicks so far cannot tell apart
@@ -172,12 +173,13 @@ def separable_ceiling(
 
     An optimistic reference, not an estimate: it is given the partition the grouper must search for, and
     tests it once where the grouper tests at every macro step. A category the grouper misses where this
-    misses too is limited by what its clicks show, not by how the grouper searches.
+    misses too is limited by what its clicks show, not by how the grouper searches. ``ops``: the stream
+    (:func:`_ops`), when the caller has it already.
     """
     from streams.grouping import GroupingConfig
 
     config = config or GroupingConfig()
-    ops = _ops(world, seed, max(checkpoints))
+    ops = ops if ops is not None else _ops(world, seed, max(checkpoints))
     majority = {c: _majority_tastes(world, c) for c in world.categories}
     truth = {c: taste_labels(world, c) for c in world.categories}
     ceiling = {c: attribute_ceiling(world, c)[0] for c in world.categories}
@@ -326,14 +328,16 @@ def _bench_world(
     seed: int = SEED,
     config: GroupingConfig | None = None,
     null: bool = False,
+    ops: list[Op] | None = None,
 ) -> dict[str, Any]:
     """Feed one stream to the grouper, score it at ``checkpoints``; the baselines up to ``baseline_until``.
 
-    ``config``: the grouper's (default: ``GroupingConfig()``); ``null``: the null stream (see :func:`_ops`).
+    ``config``: the grouper's (default: ``GroupingConfig()``); ``null``: the null stream (see :func:`_ops`);
+    ``ops``: the stream, when the caller has it already.
     """
     from streams.grouping import ProductAwareGrouper
 
-    ops = _ops(world, seed, max(checkpoints), shuffle_users=null)
+    ops = ops if ops is not None else _ops(world, seed, max(checkpoints), shuffle_users=null)
     population = [dict(user.attributes) for user in world.users]
     truth = {c: taste_labels(world, c) for c in world.categories}
     categories: dict[str, dict[str, Any]] = {}
@@ -458,12 +462,15 @@ def sweep(
     reached_total, scored, split_runs, null_runs = Counter[int](), 0, 0, 0
     for path in paths:
         world = World.load(path)
-        runs = [_bench_world(world, checkpoints, None, seed, config, null) for seed in seeds]
-        speeds += [run["events_per_s"] for run in runs]
-        if separable:
-            for run, seed in zip(runs, seeds):
-                for category, bound in separable_ceiling(world, seed, checkpoints, config).items():
+        runs = []
+        for seed in seeds:
+            ops = _ops(world, seed, max(checkpoints), shuffle_users=null)
+            run = _bench_world(world, checkpoints, None, seed, config, null, ops)
+            if separable:
+                for category, bound in separable_ceiling(world, seed, checkpoints, config, ops).items():
                     run["categories"][category].update({f"nmi_over_ceiling@{n}": r for n, r in bound.items()})
+            runs.append(run)
+        speeds += [run["events_per_s"] for run in runs]
         for category in world.categories:
             stats = [run["categories"][category] for run in runs]
             if null:

@@ -78,3 +78,16 @@ def test_separable_ceiling_keeps_apart_only_what_the_clicks_show() -> None:
     bound = separable_ceiling(world, 0, (20_000, 200_000))
     assert bound["lipstick"][20_000] == 0.0
     assert bound["lipstick"][200_000] == bound["drill"][200_000] == 1.0
+
+
+def test_grouping_bench_reports_the_separable_ceiling(tmp_path: Path) -> None:
+    """``osmf bench grouping`` scores the separable ceiling of its own stream beside the grouper."""
+    from bench.common import BenchOptions
+    from bench.grouping import run
+
+    figures = run(BenchOptions(quick=True, world=EXAMPLES / "world_a.yaml", output_dir=tmp_path))
+    lipstick = figures["worlds"]["world_a"]["categories"]["lipstick"]
+    bound = separable_ceiling(World.load(EXAMPLES / "world_a.yaml"), 0, (5_000, 20_000))
+    assert [lipstick[f"separable_over_ceiling@{n}"] for n in (5_000, 20_000)] == [bound["lipstick"][n] for n in (5_000, 20_000)]
+    assert figures["min_separable_over_ceiling@20000"] is not None
+    assert figures["min_separable_over_ceiling@20000"] <= figures["mean_separable_over_ceiling@20000"] <= 1.0

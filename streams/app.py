@@ -271,6 +271,7 @@ class Worker:
         await self._delivered("ingest")
         metrics.BATCH_SIZE.observe(n_events)
         metrics.STAGE_SECONDS.labels("ingest").observe(time.perf_counter() - start)
+        metrics.LAST_BATCH.labels("ingest").set_to_current_time()
         _count_ingest(before, self.ingest.counters)
 
     async def _admit(self, guard: OffsetGuard, events: Sequence[EventT]) -> list[EventT]:
@@ -363,6 +364,7 @@ class Worker:
         await self._delivered("aggregate")
         for _, partition, _, _, rows, _ in entries:
             await self._send_views(partition, rows)
+        metrics.LAST_BATCH.labels("aggregate").set_to_current_time()  # before the counts: a reader that sees them sees this
         _count_aggregate(before, self.aggregate.counters)
         for event, category, result in counted:
             groups = self.aggregate.grouper(category).groups(category)

@@ -42,6 +42,10 @@ DRIFT_ALERTS = Counter("osmf_drift_alerts_total", "CTR drift alerts emitted.")
 GROUPS = Gauge("osmf_groups", "Groups per product category.", ["category"])
 LAG = Gauge("osmf_consumer_lag", "Fetch high-watermark minus next offset to read.", ["topic", "partition"])
 BATCHES_STARTED = Counter("osmf_batches_started_total", "Micro-batches a stage began to handle.", ["stage"])
+LAST_BATCH = Gauge(
+    "osmf_last_batch_timestamp_seconds",
+    "Unix time a stage last finished a micro-batch (a stalled stage: this stops while its lag grows).", ["stage"],
+)
 STAGE_SECONDS = Histogram(
     "osmf_stage_seconds", "Time a stage spends on one batch, delivery waits included.", ["stage"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),

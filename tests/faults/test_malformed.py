@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -177,6 +178,7 @@ def test_hypothesis_malformed_events_are_all_dead_lettered_and_good_ones_count_e
 
     run = isolated_run(broker_settings, tmp_path)
     try:
+        started_at = time.time()
         run.start()
         bootstrap, topics = run.settings.bootstrap_servers, run.settings.topics
         produce_raw(bootstrap, topics.impressions, impressions_msgs)
@@ -208,6 +210,8 @@ def test_hypothesis_malformed_events_are_all_dead_lettered_and_good_ones_count_e
                   if key.startswith("osmf_dead_lettered_total{")}
         assert labels <= KNOWN_FIELDS | {"<other>"}, labels  # unknown keys of bad events add no series
         assert metric(values, "osmf_duplicates_total") == N_DUPLICATES
+        for stage in ("ingest", "aggregate"):  # the liveness gauge a stalled-stage alert reads
+            assert started_at < metric(values, "osmf_last_batch_timestamp_seconds", stage=stage) <= time.time()
         assert all(letter.reason and letter.field for letter in letters)
         assert all(letter.source_topic == topics.impressions for letter in letters)
         fields = Counter(letter.field.split(".")[0] for letter in letters)

@@ -50,3 +50,22 @@ def test_uvloop_runs_the_app(tmp_path: Path) -> None:
 def test_bad_values_name_the_field(tmp_path: Path, field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=rf"streams\.{field}"):
         load_settings(data_dir=tmp_path, streams={field: value})
+
+
+def test_the_worker_keeps_the_root_logger_at_its_level(tmp_path: Path) -> None:
+    """Faust's terminal spinner would set the root logger to DEBUG, making every hot-path debug call build a record."""
+    import logging
+
+    from streams.worker import faust_worker
+
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    try:
+        made = faust_worker(_worker(tmp_path).app, "warning")
+        made._setup_logging()  # noqa: SLF001 - what Faust runs at its first start
+        assert root.getEffectiveLevel() == logging.WARNING
+        assert not logging.getLogger("aiokafka.consumer.fetcher").isEnabledFor(logging.DEBUG)
+        assert not [h for h in root.handlers if type(h).__name__ == "SpinnerHandler"]
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]

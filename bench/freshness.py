@@ -12,6 +12,9 @@ seen before. Its effect is that user's ``user_group`` row; a poller calls
 and records the time from the probe's hand-off to the producer to the first
 answer that has it. Worker start-up (Feast import, apply, first join) is
 excluded: the clock runs only after a warm-up probe was seen. Goal: p99 <= 1 s.
+``worker_cpu_share`` is the worker process's CPU seconds per second while the
+probes ran: near 1 the worker (one Python process) is saturated and the
+latencies are its queue, which no wait setting shortens.
 
 To tell the stream's share from the feature path's, the probes are also
 watched in the worker's ``user-groups`` changelog topic: the time a probe's
@@ -40,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import BenchOptions, print_table
-from bench.streams import WORLD_A, _broker, _isolated_env, _settings_from
+from bench.streams import WORLD_A, _broker, _group_cpu_s, _isolated_env, _settings_from
 from infra.security import client_options
 
 RATE = 5_000.0
@@ -48,6 +51,9 @@ RATE = 5_000.0
 PROBE_EVERY = 100
 """One probe impression after this many events."""
 VISIBLE_TIMEOUT_S = 15.0
+SATURATED_CPU_SHARE = 0.85
+"""Worker CPU (its process's CPU seconds per second, all threads) from which the table says it is saturated:
+the GIL lets one Python process use about one core, less what its threads lose handing it over."""
 POLL_S = 0.02
 """Pause between two polls when nothing new became visible (the resolution of the measurement)."""
 
@@ -116,8 +122,10 @@ def _measure(options: BenchOptions, online_store: str) -> dict[str, Any]:
             counted = Changelog(settings, probes)
             counted.start()
             probes.start()
+            cpu_at_start, clock_at_start = _group_cpu_s(proc.pid), time.perf_counter()
             sent = send(probes.stream(events), rate=RATE)
             probes.finish(timeout_s=VISIBLE_TIMEOUT_S)
+            worker_cpu_share = (_group_cpu_s(proc.pid) - cpu_at_start) / (time.perf_counter() - clock_at_start)
             counted.stop()
             counters = _push_counters(int(env["OSMF_STREAMS__METRICS_PORT"]))
         finally:
@@ -143,6 +151,9 @@ def _measure(options: BenchOptions, online_store: str) -> dict[str, Any]:
          ["visible in get_online_features", len(latencies), pct[50], pct[95], pct[99], pct[100]],
          ["feature path (visible - counted)", "", path[50], path[95], path[99], path[100]]],
     )
+    print(f"worker process: {worker_cpu_share:.0%} of one CPU while probes ran"
+          + (" - near a full core the worker is saturated (one Python process) and latency is its queue"
+             if worker_cpu_share >= SATURATED_CPU_SHARE else ""))
     return {
         "online_store": online_store,
         "events_sent": sent,
@@ -158,6 +169,7 @@ def _measure(options: BenchOptions, online_store: str) -> dict[str, Any]:
         "feature_path_p50_ms": round(path[50], 1),
         "feature_path_p99_ms": round(path[99], 1),
         "warm_up_s": round(warm, 1),
+        "worker_cpu_share": round(worker_cpu_share, 3),
         "goal_met": bool(len(latencies) and pct[99] <= 1000 and lost == 0),
         **counters,
         "load_1m": round(os.getloadavg()[0], 2),

@@ -52,7 +52,7 @@ import time
 import urllib.request
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,7 +366,7 @@ class Progress:
     """Workers that counted anything: how many share stage 2 (one per category at most)."""
 
 
-def _progress(ports: range) -> Progress:
+def _progress(ports: Iterable[int]) -> Progress:
     """Read :class:`Progress` from the workers' ``/metrics``, only the series it needs (:data:`METRICS_QUERY`)."""
     started = impressions = clicks = counting = 0
     last_counted_at = 0.0

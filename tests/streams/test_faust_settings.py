@@ -62,7 +62,7 @@ def test_the_worker_keeps_the_root_logger_at_its_level(tmp_path: Path) -> None:
     saved = root.level, list(root.handlers)
     try:
         made = faust_worker(_worker(tmp_path).app, "warning")
-        made._setup_logging()  # noqa: SLF001 - what Faust runs at its first start
+        made.on_setup_root_logger(root, logging.WARNING)  # Faust's hook at its first start (no stdout redirect here)
         assert root.getEffectiveLevel() == logging.WARNING
         assert not logging.getLogger("aiokafka.consumer.fetcher").isEnabledFor(logging.DEBUG)
         assert not [h for h in root.handlers if type(h).__name__ == "SpinnerHandler"]

@@ -148,7 +148,7 @@ def _key(preferences: Any) -> tuple[Any, ...]:
 def attribute_ceiling(world: Any, category: str) -> tuple[float, float]:
     """NMI and ARI of the best attribute-only assignment: each attribute tuple → its users' majority taste."""
     truth = taste_labels(world, category)
-    predicted = _majority_assignment(world, truth)
+    predicted = _majority_assignment(world, _majority_tastes(world, truth))
     return nmi(truth, predicted), ari(truth, predicted)
 
 
@@ -164,9 +164,9 @@ def _majority_tastes(world: Any, truth: Sequence[str]) -> dict[tuple[Any, ...], 
     return {key: counter.most_common(1)[0][0] for key, counter in votes.items()}
 
 
-def _majority_assignment(world: Any, truth: Sequence[str]) -> list[str]:
-    """Each user → the majority taste of their attribute tuple: the attribute ceiling's grouping."""
-    majority = _majority_tastes(world, truth)
+def _majority_assignment(world: Any, majority: dict[tuple[Any, ...], str]) -> list[str]:
+    """Each user → the majority taste of their attribute tuple (:func:`_majority_tastes`): the attribute
+    ceiling's grouping."""
     return [majority[_tuple(user.attributes)] for user in world.users]
 
 
@@ -191,7 +191,7 @@ def separable_ceiling(
     ops = ops if ops is not None else _ops(world, seed, max(checkpoints))
     truth = {c: taste_labels(world, c) for c in world.categories}
     majority = {c: _majority_tastes(world, truth[c]) for c in world.categories}
-    ceiling = {c: nmi(truth[c], _majority_assignment(world, truth[c])) for c in world.categories}
+    ceiling = {c: nmi(truth[c], _majority_assignment(world, majority[c])) for c in world.categories}
     counts: dict[str, dict[tuple[str, str], list[int]]] = {c: defaultdict(lambda: [0, 0]) for c in world.categories}
     tokens: dict[str, dict[str, tuple[str, ...] | None]] = {c: {} for c in world.categories}
     result: dict[str, dict[int, float | None]] = {c: {} for c in world.categories}

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from bench.streams import METRICS_QUERY, _progress
+from bench.streams import METRICS_QUERY, _free_port_block, _progress
 from infra.security import serve_metrics
-
-
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (all bound at once, then released)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _worker_registry(impressions: int, clicks: int, last_batch: float) -> CollectorRegistry:
@@ -40,7 +27,8 @@ def _worker_registry(impressions: int, clicks: int, last_batch: float) -> Collec
 
 
 def test_progress_sums_the_workers_and_takes_the_last_count_time() -> None:
-    ports = _free_ports(3)  # the third answers nothing: a worker not up yet
+    base = _free_port_block(3)  # worker i serves on base + i - 1, as the bench starts them
+    ports = range(base, base + 3)  # the third answers nothing: a worker not up yet
     servers = [serve_metrics(ports[0], registry=_worker_registry(700, 20, 1_000.5)),
                serve_metrics(ports[1], registry=_worker_registry(0, 0, 0.0))]
     try:

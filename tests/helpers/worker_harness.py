@@ -36,15 +36,24 @@ class WorkerRun:
     env: dict[str, str]
     procs: list[subprocess.Popen] = field(default_factory=list)
 
-    def start(self, workers: int = 1) -> None:
+    def start(self, workers: int = 1, index: int = 1) -> None:
+        """Start ``osmf worker -n workers``; ``index`` > 1 starts one more worker of the group beside
+        running ones (its metrics on ``metrics_port + index - 1``)."""
         log = open(self.settings.data_dir / f"worker-{len(self.procs)}.log", "ab")
         loglevel = os.environ.get("OSMF_TEST_WORKER_LOGLEVEL", "warning")  # "info" logs recovery and rebalances
         self.procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "cli.main", "worker", "-n", str(workers), "--loglevel", loglevel],
+                [sys.executable, "-m", "cli.main", "worker", "-n", str(workers), "--index", str(index),
+                 "--loglevel", loglevel],
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         )
+
+    def stop_one(self, position: int) -> None:
+        """Stop the worker process started ``position``-th (0 first) as an operator would (SIGTERM)."""
+        proc = self.procs[position]
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
     def stop(self) -> None:
         for proc in self.procs:

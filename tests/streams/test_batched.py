@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -204,3 +206,40 @@ def test_linger_sends_a_partial_batch_without_flush(broker_settings, tmp_path: P
                           timeout_s=30, what="the lingering batch to be sent")
     finally:
         producer.close()
+
+
+def test_a_worker_joining_and_leaving_mid_stream_loses_and_double_counts_nothing(
+    run: WorkerRun, world: World
+) -> None:
+    """Two rebalances while batched traffic flows: a second worker joins, takes partitions and handles
+    input batches, then leaves; the tables still equal the log (nothing lost, nothing counted twice)."""
+    from bench.streams import _progress
+
+    events = list(generate_events(world, seed=14, n_impressions=24_000, start_ts_ms=START_TS))
+    chunks = [events[i : i + len(events) // 24] for i in range(0, len(events), len(events) // 24)]
+    sent = threading.Event()
+    failure: list[BaseException] = []
+
+    def produce_paced() -> None:  # ~24 s of traffic, so that both rebalances fall inside it
+        try:
+            for chunk in chunks:
+                produce(run.settings.bootstrap_servers, chunk, run.settings.topics, BATCHED)
+                time.sleep(1.0)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            failure.append(exc)
+        finally:
+            sent.set()
+
+    run.start()
+    producer = threading.Thread(target=produce_paced, daemon=True)
+    producer.start()
+    run.wait_for(lambda: sum(table_counts(run.table("ctr"))[0].values()) > 0, what="the first worker to count")
+    run.start(index=2)
+    second_port = run.settings.streams.metrics_port + 1
+    run.wait_for(lambda: _progress([second_port]).started > 0, what="the second worker to take input batches")
+    assert not sent.is_set(), "the traffic ended before the second worker joined; the rebalance was not mid-stream"
+    run.stop_one(1)
+    producer.join(timeout=120)
+    assert not failure, failure
+    _assert_exact(run, expected_counts(events))
+    assert "Traceback" not in run.log_tail(), run.log_tail()

@@ -25,6 +25,8 @@ from sim.world import World
 
 WORLD_A = Path(__file__).resolve().parents[2] / "sim" / "examples" / "world_a.yaml"
 START_TS = 1_767_225_600_000
+CHUNK_EVENTS = 1_000
+"""Events per paced chunk of the rebalance test's traffic (about 0.5 s apart)."""
 BATCHED = ProducerSettings(batch=True, linger_ms=50, batch_events=200, batch_bytes=64 * 1024)
 
 
@@ -212,34 +214,43 @@ def test_a_worker_joining_and_leaving_mid_stream_loses_and_double_counts_nothing
     run: WorkerRun, world: World
 ) -> None:
     """Two rebalances while batched traffic flows: a second worker joins, takes partitions and handles
-    input batches, then leaves; the tables still equal the log (nothing lost, nothing counted twice)."""
+    input batches, then leaves; the tables still equal the log (nothing lost, nothing counted twice).
+
+    Traffic goes on in chunks until the second worker has left, then for three more, so both rebalances
+    fall inside it however long the workers take to start."""
     from bench.streams import _progress
 
-    events = list(generate_events(world, seed=14, n_impressions=24_000, start_ts_ms=START_TS))
-    chunks = [events[i : i + len(events) // 24] for i in range(0, len(events), len(events) // 24)]
-    sent = threading.Event()
+    events = list(generate_events(world, seed=14, n_impressions=60_000, start_ts_ms=START_TS))
+    chunks = [events[i : i + CHUNK_EVENTS] for i in range(0, len(events), CHUNK_EVENTS)]
+    produced = [0]  # events sent so far (a prefix of ``events``)
+    left = threading.Event()
     failure: list[BaseException] = []
 
-    def produce_paced() -> None:  # ~24 s of traffic, so that both rebalances fall inside it
+    def produce_until_left() -> None:
         try:
+            after_left = 0
             for chunk in chunks:
                 produce(run.settings.bootstrap_servers, chunk, run.settings.topics, BATCHED)
-                time.sleep(1.0)
+                produced[0] += len(chunk)
+                after_left += left.is_set()
+                if after_left == 3:
+                    return
+                time.sleep(0.5)
+            raise AssertionError(f"all {len(events)} events were sent before the second worker left")
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
             failure.append(exc)
-        finally:
-            sent.set()
 
     run.start()
-    producer = threading.Thread(target=produce_paced, daemon=True)
+    producer = threading.Thread(target=produce_until_left, daemon=True)
     producer.start()
     run.wait_for(lambda: sum(table_counts(run.table("ctr"))[0].values()) > 0, what="the first worker to count")
     run.start(index=2)
     second_port = run.settings.streams.metrics_port + 1
     run.wait_for(lambda: _progress([second_port]).started > 0, what="the second worker to take input batches")
-    assert not sent.is_set(), "the traffic ended before the second worker joined; the rebalance was not mid-stream"
     run.stop_one(1)
-    producer.join(timeout=120)
+    left.set()
+    producer.join(timeout=300)
     assert not failure, failure
-    _assert_exact(run, expected_counts(events))
+    assert not producer.is_alive(), "the producer did not finish"
+    _assert_exact(run, expected_counts(events[: produced[0]]))
     assert "Traceback" not in run.log_tail(), run.log_tail()
